@@ -1,0 +1,119 @@
+"""Every option of every soup method, and each method's defaults, in one place.
+
+Defaults follow the paper's appendix B and the released code (see NOTES in the README):
+
+============  ======  =====  ===========================  ====================================
+method        lr      wd     iterations                   other
+============  ======  =====  ===========================  ====================================
+learned(+)    0.05    0      5 epochs over held-out set   softmax coefficients, learned logit scale
+hl(+)         0.01    0      5 epochs, one block of all K
+mehl(+)       0.01    0      5 epochs per block of b      b = ceil(K/4) (paper: 18 of 72), one pass
+============  ======  =====  ===========================  ====================================
+
+All learned soups: AdamW, cosine schedule with 20 % linear warm-up (restarted for each model block),
+coefficients at the uniform soup at the start (softmax logits 0 / hyperplane α = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .layers import Grouping
+
+__all__ = ["SoupConfig", "DEFAULTS", "config_for"]
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """Options of :func:`soupkit.make_soup`. Methods ignore options that do not apply to them.
+
+    Attributes:
+        device: where models, coefficients and batches live (``"cpu"``, ``"cuda:0"``...).
+        dtype: floating dtype the models are combined and run in.
+        progress: show tqdm progress bars.
+        seed: seeds the order of model blocks (MEHL) and anything else random in the method.
+        lr, weight_decay: AdamW settings for the coefficients.
+        epochs: passes over the held-out loader per block of models (inner loop length).
+        inner_iterations: inner steps per block; overrides ``epochs`` when given.
+        outer_iterations: blocks of models to train (MEHL); default one pass over all K models.
+        model_batch_size: b, the models per block (MEHL); default ceil(K / 4).
+        warmup: fraction of each block's steps spent in linear warm-up.
+        schedule: ``"cosine"`` or ``"constant"`` (after warm-up).
+        batch_size: re-batch the held-out loader to this many examples per step (None keeps its batches).
+        clip_grad_norm: clip the gradient (w.r.t. the soup's weights for HL/MEHL, as the released code does;
+            w.r.t. the logits for Learned-Soup) to this norm; None = no clipping.
+        logit_scale: Learned-Soup also learns a scalar multiplying the logits (as model-soups does).
+        layer_grouping: which parameter tensors share a coefficient in the "+" methods (see ``layers.py``).
+        decentralize: directions θ_i − θ̄ (paper, default) or θ_i themselves (appendix D ablation; then the
+            weights start at 1/K and need not sum to one).
+        normalize_directions: divide each direction by its per-layer norm (released code's variant).
+        recenter: use the current soup as the centre of each new block (released code's variant; the first
+            block is centred on its own mean).
+        prefetch: read the next block of models on a background thread while the current one trains.
+        ties: greedy soup's rule for a candidate with held-out accuracy equal to the soup's:
+            ``"reject"`` (model-soups: strict improvement) or ``"accept"``.
+        select_loader: optional held-out part used for early stopping: the coefficients with the best
+            accuracy on it (checked every ``eval_every`` steps and at the end of each block) are kept.
+        eval_every: steps between early-stopping checks.
+    """
+
+    device: Any = "cpu"
+    dtype: torch.dtype = torch.float32
+    progress: bool = True
+    seed: int = 0
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    epochs: float = 5.0
+    inner_iterations: Optional[int] = None
+    outer_iterations: Optional[int] = None
+    model_batch_size: Optional[int] = None
+    warmup: float = 0.2
+    schedule: str = "cosine"
+    batch_size: Optional[int] = None
+    clip_grad_norm: Optional[float] = None
+    logit_scale: bool = False
+    layer_grouping: Grouping = None
+    decentralize: bool = True
+    normalize_directions: bool = False
+    recenter: bool = False
+    prefetch: bool = False
+    ties: str = "reject"
+    select_loader: Optional[Iterable] = None
+    eval_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a fraction in [0, 1), got {self.warmup}")
+        if self.ties not in ("reject", "accept"):
+            raise ValueError(f"ties must be 'reject' or 'accept', got {self.ties!r}")
+        for name in ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+_LEARNED = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, logit_scale=True)
+_HYPERPLANE = SoupConfig(lr=0.01, weight_decay=0.0, epochs=5.0)
+
+DEFAULTS: dict[str, SoupConfig] = {
+    "best": SoupConfig(), "uniform": SoupConfig(), "greedy": SoupConfig(), "ensemble": SoupConfig(),
+    "learned": _LEARNED, "learned+": _LEARNED,
+    "hl": _HYPERPLANE, "hl+": _HYPERPLANE, "mehl": _HYPERPLANE, "mehl+": _HYPERPLANE,
+}
+
+
+def config_for(name: str, **options: Any) -> SoupConfig:
+    """The defaults of method ``name`` with ``options`` applied; unknown options raise TypeError."""
+    valid = {f.name for f in fields(SoupConfig)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for make_soup({name!r}); valid: {sorted(valid)}")
+    return replace(DEFAULTS[name], **options)

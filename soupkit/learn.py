@@ -1,0 +1,245 @@
+"""The one optimisation loop of every learned soup, and the two parameterisations it optimises.
+
+Each outer iteration optimises the coefficients ``w`` of one *block* of models with AdamW for T inner steps
+(:func:`optimise`), then folds them into the soup. What differs between methods is the space ``w`` lives in:
+
+* :class:`SimplexSpace` (Learned-Soup, Wortsman et al.): θ_l = Σ_i softmax(w)_{i,l} θ_{i,l} over ALL K
+  resident models; the gradient is autograd through that combination (one graph over K models).
+* :class:`HyperplaneSpace` (HL-Soup, MEHL-Soup): θ_l(w) = soup_l + Σ_{i∈B} (w − w0)_{i,l} D_{i,l} with
+  directions D_i = θ_i − θ̄; the gradient is ∂L/∂w_{i,l} = ⟨∇_{θ_l} L(θ(w)), D_{i,l}⟩ from one backward
+  pass of the combined model. HL is one block of all K models; MEHL draws blocks of b models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .config import SoupConfig
+from .evaluation import accuracy, eval_mode, predict
+from .layers import LayerMap
+
+__all__ = ["DivergenceError", "BatchStream", "SimplexSpace", "HyperplaneSpace", "optimise", "lr_lambda"]
+
+StateDict = dict[str, Tensor]
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient became NaN/Inf while learning coefficients; no soup was written."""
+
+
+class BatchStream:
+    """Endless ``(x, y)`` batches from a re-iterable loader, on ``device``, optionally re-batched.
+
+    ``examples_per_epoch`` and ``batches_per_epoch`` are known before the first step; ``epochs`` counts the
+    passes over the held-out set made so far (the paper's "#epoch").
+    """
+
+    def __init__(self, loader: Iterable, device: str | torch.device, batch_size: int | None = None) -> None:
+        if isinstance(loader, Iterator):
+            raise TypeError("the held-out loader must be re-iterable (a DataLoader or a list of batches), "
+                            "not a one-shot iterator")
+        self.loader, self.device, self.batch_size = loader, device, batch_size
+        sizes = [len(y) for _, y in self._raw()] if not hasattr(loader, "dataset") else None
+        self.examples_per_epoch = len(loader.dataset) if sizes is None else sum(sizes)  # type: ignore[attr-defined]
+        if self.examples_per_epoch == 0:
+            raise ValueError("the held-out loader is empty: coefficients cannot be learned from no data")
+        if batch_size is not None:
+            self.batches_per_epoch = math.ceil(self.examples_per_epoch / batch_size)
+        else:
+            self.batches_per_epoch = len(sizes) if sizes is not None else len(loader)  # type: ignore[arg-type]
+        self.examples_seen = 0
+        self._it: Iterator | None = None
+
+    def _raw(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader:
+            yield batch[0], batch[1]
+
+    def _epoch(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.batch_size is None:
+            yield from self._raw()
+            return
+        xs, ys, n = [], [], 0
+        for x, y in self._raw():
+            xs.append(x); ys.append(y); n += len(y)
+            while n >= self.batch_size:
+                x_all, y_all = torch.cat(xs), torch.cat(ys)
+                yield x_all[: self.batch_size], y_all[: self.batch_size]
+                xs, ys, n = [x_all[self.batch_size:]], [y_all[self.batch_size:]], n - self.batch_size
+        if n:
+            yield torch.cat(xs), torch.cat(ys)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._epoch()
+            try:
+                x, y = next(self._it)
+                self.examples_seen += len(y)
+                return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            except StopIteration:
+                self._it = None
+        raise ValueError("the held-out loader yielded no batches")
+
+    @property
+    def epochs(self) -> float:
+        return self.examples_seen / self.examples_per_epoch
+
+
+def lr_lambda(steps: int, warmup: float, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at step s: linear warm-up, then cosine to 0 (or constant)."""
+    warm = int(round(warmup * steps))
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    return factor
+
+
+def _cross_entropy(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, y: Tensor, scale: Tensor | None) -> Tensor:
+    logits = functional_call(model, dict(state), (x,))
+    if scale is not None:
+        logits = logits * scale
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in full precision for half-precision soups
+    return nn.functional.cross_entropy(logits, y)
+
+
+def _coefficient(w: Tensor, g: int) -> Tensor:
+    """Column ``g`` of ``w [m, L]``; -1 (a buffer without a parameter) is the mean over layers."""
+    return w[:, g] if g >= 0 else w.mean(dim=1)
+
+
+class SimplexSpace:
+    """Learned-Soup: softmax coefficients, autograd through the combination of all K resident models."""
+
+    def __init__(self, model: nn.Module, models: list[StateDict], layers: LayerMap, logit_scale: bool,
+                 clip_grad_norm: float | None = None) -> None:
+        self.model, self.models, self.layers = model, models, layers
+        self.fixed = {k: models[0][k] for k in layers.fixed}
+        device = next(iter(models[0].values())).device
+        self.scale = nn.Parameter(torch.ones((), device=device)) if logit_scale else None
+        self.extra = [self.scale] if self.scale is not None else []
+        self.clip = clip_grad_norm
+        self.w0 = torch.zeros(len(models), len(layers), device=device)  # softmax(0) = the uniform soup
+
+    def _combine(self, p: Tensor, keys: Iterable[str]) -> StateDict:
+        # model-soups' own formulation: a Python sum of K scaled copies per tensor, all kept in the graph
+        return {k: sum(p[i, self.layers.group[k]] * m[k] for i, m in enumerate(self.models)) for k in keys}
+
+    def state(self, w: Tensor) -> StateDict:
+        with torch.no_grad():
+            p = torch.softmax(w, dim=0)
+            p = torch.cat([p, p.mean(dim=1, keepdim=True)], dim=1)  # column -1: buffers without a layer
+            return {**self._combine(p, self.layers.mixed), **self.fixed}
+
+    def loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        p = torch.softmax(w, dim=0)
+        theta = self._combine(p, self.layers.trainable)
+        with torch.no_grad():
+            pb = torch.cat([p, p.mean(dim=1, keepdim=True)], dim=1)
+            theta.update(self._combine(pb, self.layers.buffers))
+        loss = _cross_entropy(self.model, {**theta, **self.fixed}, x, y, self.scale)
+        loss.backward()
+        if self.clip is not None:
+            nn.utils.clip_grad_norm_([w], self.clip)
+        return loss.detach()
+
+    def coefficients(self, w: Tensor) -> Tensor:
+        return torch.softmax(w.detach(), dim=0)
+
+
+class HyperplaneSpace:
+    """HL/MEHL: θ(w) = soup + Σ_i (w − w0)_i s_i D_i per layer; gradients are inner products with D_i.
+
+    The combined model is kept as ONE set of tensors moved in place as ``w`` changes (no copy per step), so
+    the resident memory is the soup plus the b directions.
+
+    Args:
+        soup: the soup at ``w0``, canonical keys (mixed + fixed), each ``[*shape]``; owned and updated.
+        stack: directions of the block, ``{mixed key: Tensor[b, *shape]}``.
+        w0: coefficients at which ``soup`` was formed, ``[b, L]``.
+        scale: per-direction, per-layer factor ``[b, L]`` (1/‖D_{i,l}‖ for normalised directions).
+    """
+
+    def __init__(self, model: nn.Module, soup: StateDict, stack: StateDict, layers: LayerMap, w0: Tensor,
+                 scale: Tensor | None = None, clip_grad_norm: float | None = None) -> None:
+        self.model, self.theta, self.stack, self.layers = model, soup, stack, layers
+        self.w0, self.applied = w0.detach().clone(), w0.detach().clone()
+        self.scale = torch.ones_like(w0) if scale is None else scale
+        self.fixed = {k: soup[k] for k in layers.fixed}
+        self.flat = {k: stack[k].reshape(stack[k].shape[0], -1) for k in layers.trainable}  # [b, n_k] views
+        self.clip = clip_grad_norm
+        self.extra: list[nn.Parameter] = []
+
+    def _offsets(self, w: Tensor) -> Iterator[tuple[str, Tensor]]:
+        c = ((w.detach() - self.applied) * self.scale).to(next(iter(self.stack.values())).dtype)
+        for k in self.layers.mixed:
+            yield k, torch.tensordot(_coefficient(c, self.layers.group[k]), self.stack[k], dims=1)
+
+    @torch.no_grad()
+    def state(self, w: Tensor) -> StateDict:
+        """θ(w) as new tensors; the soup itself is not moved."""
+        return {**{k: self.theta[k] + off for k, off in self._offsets(w)}, **self.fixed}
+
+    @torch.no_grad()
+    def move_to(self, w: Tensor) -> StateDict:
+        """Move the soup to θ(w) in place and return it."""
+        for k, off in self._offsets(w):
+            self.theta[k].add_(off)
+        self.applied = w.detach().clone()
+        return self.theta
+
+    def loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        self.move_to(w)
+        leaves = {k: self.theta[k].detach().requires_grad_(True) for k in self.layers.trainable}
+        loss = _cross_entropy(self.model, {**self.theta, **leaves}, x, y, None)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        if self.clip is not None:
+            norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+            factor = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
+            grads = [g * factor for g in grads]
+        gw = torch.zeros_like(w)
+        for k, g in zip(self.layers.trainable, grads):
+            # ∂L/∂w_{i,l} += ⟨∇_θ L, D_i⟩ over the tensors of layer l: one [b, n] @ [n] product per tensor
+            gw[:, self.layers.group[k]] += (self.flat[k] @ g.reshape(-1).to(self.flat[k].dtype)).to(gw.dtype)
+        w.grad = gw * self.scale
+        return loss.detach()
+
+
+def optimise(space: "SimplexSpace | HyperplaneSpace", w_init: Tensor, batches: BatchStream, steps: int,
+             cfg: SoupConfig, history: list[float], on_step: Callable[[float], None] | None = None) -> Tensor:
+    """T = ``steps`` AdamW steps on ``w [m, L]`` (plus the space's extra parameters); returns the final ``w``.
+
+    With ``cfg.select_loader`` the ``w`` with the best accuracy on it (checked every ``cfg.eval_every``
+    steps and at the end) is returned instead of the last one.
+    """
+    w = nn.Parameter(w_init.detach().clone())
+    opt = torch.optim.AdamW([w, *space.extra], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup, cfg.schedule))
+    best_acc, best_w = -1.0, w.detach().clone()
+    with eval_mode(space.model):
+        for step in range(steps):
+            x, y = batches.next()
+            opt.zero_grad(set_to_none=True)
+            loss = space.loss(w, x, y)
+            if not torch.isfinite(loss) or w.grad is None or not torch.isfinite(w.grad).all():
+                raise DivergenceError(f"non-finite loss/gradient at inner step {step} (loss {loss.item()}); "
+                                      "lower lr or add clip_grad_norm; no soup was written")
+            opt.step()
+            sched.step()
+            history.append(loss.item())
+            if on_step is not None:
+                on_step(history[-1])
+            if cfg.select_loader is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+                acc = accuracy(*predict(space.model, space.state(w.detach()), cfg.select_loader, batches.device))
+                if acc > best_acc:
+                    best_acc, best_w = acc, w.detach().clone()
+    return best_w if cfg.select_loader is not None else w.detach()

@@ -1,0 +1,267 @@
+"""An ordered set of K fine-tuned checkpoints of one architecture, read lazily and validated up front.
+
+Checkpoints are files (``.safetensors``; ``.pt``/``.pth`` state dicts read with ``weights_only=True`` and
+memory-mapped where the file format allows) or in-memory state dicts. At most the models a caller asks for
+are resident: the centre θ̄ streams one model at a time, a block of models is read as one stacked tensor per
+key, and the next block can be read on a background thread while the current one is used.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import weakref
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = ["CheckpointError", "CheckpointPool", "TensorSpec", "save_state_dict", "load_state_dict"]
+
+Source = Union[str, os.PathLike, Mapping[str, Tensor]]
+StateDict = dict[str, Tensor]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: the message names the file (and the key, where one is at fault)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Loaded(dict):
+    """A state dict the pool handed out; a dict subclass so the pool can see when it is freed."""
+
+
+def _read_pt(path: Path) -> Mapping[str, object]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        # legacy (non-zip) torch.save files cannot be memory-mapped; read them whole, still without code
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a state dict from ``.safetensors`` or ``.pt``/``.pth`` without running any pickled code.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt or unsafe file, or entries that are not tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path), device="cpu")
+        else:
+            state = _read_pt(path)
+    except (pickle.UnpicklingError, RuntimeError, SafetensorError, EOFError, OSError, zipfile.BadZipFile,
+            ValueError, KeyError, TypeError, AttributeError, ImportError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a safe state dict ({type(err).__name__}: {err})") from err
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(value).__name__}, not a tensor")
+    return dict(state)
+
+
+def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``state`` to ``path`` (safetensors) atomically: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # contiguous copies: safetensors refuses tensors that share storage (tied weights)
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+class CheckpointPool:
+    """K checkpoints of one architecture.
+
+    Args:
+        sources: file paths (``.safetensors``, ``.pt``, ``.pth``) or state dicts, in a fixed order.
+        model: optional module of the architecture; the checkpoints must match its ``state_dict()``.
+        cast_dtype: if given, floating tensors of differing dtypes are allowed and cast to it when read.
+
+    Attributes:
+        spec: ``{key: TensorSpec}`` of the first checkpoint, which all others match.
+        max_resident: the largest number of fine-tuned models held at once (instrumentation; see ``resident``).
+    """
+
+    def __init__(self, sources: Iterable[Source], *, model: nn.Module | None = None,
+                 cast_dtype: torch.dtype | None = None) -> None:
+        self.sources: list[Source] = list(sources)
+        if not self.sources:
+            raise CheckpointError("the pool is empty (K = 0): give at least one checkpoint")
+        self.names = [f"<state dict {i}>" if isinstance(s, Mapping) else str(s) for i, s in enumerate(self.sources)]
+        self.cast_dtype = cast_dtype
+        self.spec: dict[str, TensorSpec] = self._read_spec(0)
+        for i in range(1, len(self)):
+            self._check_spec(self._read_spec(i), self.names[i], f"the first checkpoint ({self.names[0]})")
+        if model is not None:
+            self.check_model(model)
+        self._lock = threading.Lock()
+        self.resident = 0
+        self.max_resident = 0
+        self.loads = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __repr__(self) -> str:
+        return f"CheckpointPool(K={len(self)}, keys={len(self.spec)})"
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def _read_spec(self, i: int) -> dict[str, TensorSpec]:
+        source = self.sources[i]
+        if isinstance(source, Mapping):
+            state = source
+        else:
+            path = Path(source)
+            if path.suffix == ".safetensors" and path.is_file():
+                try:
+                    with safe_open(str(path), framework="pt") as fh:
+                        return {k: TensorSpec(tuple(fh.get_slice(k).get_shape()),
+                                              _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype(), torch.uint8))
+                                for k in fh.keys()}
+                except (SafetensorError, OSError, ValueError) as err:
+                    raise CheckpointError(f"{path}: cannot be read as safetensors ({err})") from err
+            state = load_state_dict(path)  # memory-mapped for zip-format .pt: cheap
+        for key, value in state.items():
+            if not isinstance(value, Tensor):
+                raise CheckpointError(f"{self.names[i]}: key {key!r} is a {type(value).__name__}, not a tensor")
+        return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def _check_spec(self, spec: Mapping[str, TensorSpec], name: str, against: str) -> None:
+        missing = [k for k in self.spec if k not in spec]
+        extra = [k for k in spec if k not in self.spec]
+        if missing or extra:
+            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
+            raise CheckpointError(f"{name}: {what} compared with {against} "
+                                  f"({len(missing)} missing, {len(extra)} unexpected)")
+        for key, ref in self.spec.items():
+            got = spec[key]
+            if got.shape != ref.shape:
+                raise CheckpointError(f"{name}: key {key!r} has shape {list(got.shape)}, "
+                                      f"{against} has {list(ref.shape)}")
+            if got.dtype != ref.dtype:
+                both_float = got.dtype.is_floating_point and ref.dtype.is_floating_point
+                if not (self.cast_dtype is not None and both_float):
+                    raise CheckpointError(f"{name}: key {key!r} has dtype {got.dtype}, {against} has {ref.dtype} "
+                                          "(pass cast_dtype=... to allow a cast)")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise CheckpointError unless the checkpoints match ``model.state_dict()`` in keys, shapes, dtypes."""
+        spec = {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        missing = [k for k in spec if k not in self.spec]
+        extra = [k for k in self.spec if k not in spec]
+        if missing or extra:
+            what = f"lacks the model's key {missing[0]!r}" if missing else f"has key {extra[0]!r} the model lacks"
+            raise CheckpointError(f"{self.names[0]}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+        for key, ref in spec.items():
+            if self.spec[key].shape != ref.shape:
+                raise CheckpointError(f"{self.names[0]}: key {key!r} has shape {list(self.spec[key].shape)}, "
+                                      f"the model has {list(ref.shape)}")
+
+    # ---- reading ----------------------------------------------------------------------------------------
+    def _track(self, obj: object, count: int) -> None:
+        with self._lock:
+            self.resident += count
+            self.max_resident = max(self.max_resident, self.resident)
+            self.loads += 1
+        weakref.finalize(obj, self._release, count)
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self.resident -= count
+
+    def _cast(self, t: Tensor, device: torch.device | str, dtype: torch.dtype | None) -> Tensor:
+        if t.is_floating_point():
+            dtype = dtype or self.cast_dtype or t.dtype
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    def load(self, i: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> StateDict:
+        """Model ``i`` as a state dict on ``device``; floating tensors cast to ``dtype`` if given.
+
+        Read-only: for in-memory sources already on ``device``/``dtype`` the tensors are the caller's own.
+        """
+        source = self.sources[i]
+        raw = source if isinstance(source, Mapping) else load_state_dict(source)
+        self._check_spec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in raw.items()}, self.names[i],
+                         f"the first checkpoint ({self.names[0]})")  # files may change after construction
+        out = _Loaded({k: self._cast(raw[k], device, dtype) for k in self.spec})
+        self._track(out, 1)
+        return out
+
+    def load_stack(self, indices: Sequence[int], device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, subtract: Mapping[str, Tensor] | None = None,
+                   keys: Iterable[str] | None = None) -> StateDict:
+        """Models ``indices`` stacked per key: ``{key: Tensor[b, *shape]}``, optionally minus ``subtract[key]``.
+
+        Memory: b models for the stack plus the one model being read.
+        """
+        keys = list(self.spec if keys is None else keys)
+        stack = _Loaded()
+        for key in keys:
+            spec = self.spec[key]
+            stack[key] = torch.empty((len(indices), *spec.shape), device=device,
+                                     dtype=(dtype or self.cast_dtype or spec.dtype) if spec.dtype.is_floating_point else spec.dtype)
+        self._track(stack, len(indices))
+        for row, i in enumerate(indices):
+            state = self.load(i, device, dtype)  # not via a generator, which would keep the previous model alive
+            for key in keys:
+                stack[key][row].copy_(state[key])
+                if subtract is not None and key in subtract:
+                    stack[key][row].sub_(subtract[key])
+            del state
+        return stack
+
+    def prefetch_stack(self, indices: Sequence[int], **kwargs) -> "Future[StateDict]":
+        """``load_stack`` on a background thread; ``.result()`` gives the stack."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soupkit-prefetch")
+        return self._executor.submit(self.load_stack, list(indices), **kwargs)
+
+    def center(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               indices: Sequence[int] | None = None) -> StateDict:
+        """Uniform average θ̄ of the models (all by default), streamed with one fine-tuned model resident.
+
+        Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first model.
+        """
+        indices = list(range(len(self))) if indices is None else list(indices)
+        total: StateDict = {}
+        for n, i in enumerate(indices):
+            state = self.load(i, device, dtype)
+            for key, value in state.items():
+                if not value.is_floating_point():
+                    total.setdefault(key, value.clone())
+                elif n == 0:
+                    total[key] = value.clone()
+                else:
+                    total[key].add_(value)
+            del state
+        for key, value in total.items():
+            if value.is_floating_point():
+                value.div_(len(indices))
+        return total

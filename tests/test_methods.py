@@ -1,0 +1,213 @@
+"""Invariants of every soup method on tiny models (CPU, seconds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import soupkit
+from soupkit import CheckpointPool, make_soup
+from conftest import BNNet, batches, make_data
+
+FAST = dict(progress=False, inner_iterations=12)
+LEARNED = ["learned", "learned+", "hl", "hl+", "mehl", "mehl+"]
+
+
+def heldout_acc(model, result, loader):
+    return soupkit.evaluate(model, result, loader)
+
+
+def test_registry_names():
+    assert set(soupkit.METHODS) == {"best", "uniform", "greedy", "learned", "learned+", "hl", "hl+", "mehl",
+                                    "mehl+", "ensemble"}
+    with pytest.raises(ValueError, match="unknown soup method"):
+        make_soup("nope", BNNet(), [BNNet().state_dict()], [])
+
+
+def test_unknown_option_is_rejected(bn_setup):
+    base, states, loader = bn_setup
+    with pytest.raises(TypeError, match="learning_rate"):
+        make_soup("hl", base, states, loader, learning_rate=0.1)
+
+
+def test_uniform_is_the_mean(bn_setup):
+    base, states, loader = bn_setup
+    r = make_soup("uniform", base, states, loader, progress=False)
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            assert torch.allclose(r.state_dict[k], torch.stack([s[k] for s in states]).mean(0), atol=1e-6)
+    assert torch.allclose(r.coefficients, torch.full((5,), 0.2))
+
+
+@pytest.mark.parametrize("name", ["learned", "learned+"])
+def test_learned_coefficients_lie_on_the_simplex(bn_setup, name):
+    base, states, loader = bn_setup
+    r = make_soup(name, base, states, loader, **FAST)
+    c = r.coefficients
+    assert (c >= 0).all() and (c <= 1).all()
+    assert torch.allclose(c.sum(0), torch.ones_like(c.sum(0)), atol=1e-5)
+    assert c.shape == ((5, len(r.layer_names)) if name.endswith("+") else (5,))
+    assert not torch.allclose(c, torch.full_like(c, 0.2))  # it learned something
+
+
+@pytest.mark.parametrize("name", ["hl", "hl+", "mehl", "mehl+"])
+def test_hyperplane_coefficients_sum_to_one(bn_setup, name):
+    base, states, loader = bn_setup
+    r = make_soup(name, base, states, loader, model_batch_size=2, **FAST)
+    assert torch.allclose(r.coefficients.sum(0), torch.ones_like(r.coefficients.sum(0)), atol=1e-5)
+    # the soup really is Σ_i c_i θ_i (per layer): check one layer of the combined weights
+    col = r.layer_names.index("fc2.weight") if r.layer_names else None
+    c = r.coefficients[:, col] if col is not None else r.coefficients
+    expected = sum(c[i] * s["fc2.weight"] for i, s in enumerate(states))
+    assert torch.allclose(r.state_dict["fc2.weight"], expected, atol=1e-5)
+
+
+def test_hyperplane_extrapolates_when_it_pays():
+    # two separable linear classifiers, the second a scaled copy of the first: the loss keeps falling as the
+    # weights grow, so the learned weight on the larger model must leave [0, 1]
+    x, y = make_data(n=200, d=2, seed=3)
+    y = (x[:, 0] > 0).long()
+    w = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    states = [{"weight": w, "bias": torch.zeros(2)}, {"weight": 2 * w, "bias": torch.zeros(2)}]
+    model = nn.Linear(2, 2)
+    r = make_soup("hl", model, states, batches(x, y), progress=False, inner_iterations=60, lr=0.1)
+    assert r.coefficients[1] > 1.0 and r.coefficients[0] < 0.0
+    learned = make_soup("learned", model, states, batches(x, y), progress=False, inner_iterations=60, lr=0.1)
+    assert learned.coefficients.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", list(soupkit.METHODS))
+def test_single_model_pool_returns_that_model(bn_setup, name):
+    base, states, loader = bn_setup
+    r = make_soup(name, base, states[:1], loader, **FAST)
+    assert torch.allclose(r.coefficients.reshape(-1)[:1], torch.ones(1))
+    if r.state_dict is not None:
+        for k, v in states[0].items():
+            assert torch.allclose(r.state_dict[k].to(v.dtype), v, atol=1e-6), k
+    assert soupkit.evaluate(base, r, loader) == soupkit.evaluate(base, states[0], loader)
+
+
+def test_greedy_is_never_worse_than_best_on_heldout(bn_setup):
+    base, states, loader = bn_setup
+    for ties in ("reject", "accept"):
+        greedy = make_soup("greedy", base, states, loader, progress=False, ties=ties)
+        best = make_soup("best", base, states, loader, progress=False)
+        assert heldout_acc(base, greedy, loader) >= heldout_acc(base, best, loader)
+        assert greedy.stats["epochs"] == 2 * len(states) - 1
+        assert best.stats["chosen"][0] == greedy.stats["chosen"][0]
+
+
+def test_ensemble_averages_logits(bn_setup):
+    base, states, loader = bn_setup
+    r = make_soup("ensemble", base, states, loader, progress=False)
+    assert r.state_dict is None
+    logits = sum(soupkit.predict(base, s, loader)[0] for s in states) / len(states)
+    labels = torch.cat([y for _, y in loader])
+    assert soupkit.evaluate(base, r, loader) == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_mehl_with_b_equal_k_is_hl(bn_setup):
+    base, states, loader = bn_setup
+    for suffix in ("", "+"):
+        hl = make_soup("hl" + suffix, base, states, loader, **FAST)
+        mehl = make_soup("mehl" + suffix, base, states, loader, model_batch_size=len(states), **FAST)
+        assert torch.allclose(hl.coefficients, mehl.coefficients, atol=1e-7)
+        for k in hl.state_dict:
+            assert torch.allclose(hl.state_dict[k], mehl.state_dict[k], atol=1e-7)
+        assert hl.history == mehl.history
+
+
+def test_mehl_holds_at_most_b_models(bn_setup):
+    base, states, loader = bn_setup
+    pool = CheckpointPool(states)
+    r = make_soup("mehl+", base, pool, loader, model_batch_size=2, **FAST)
+    assert r.stats["outer_iterations"] == 3  # ceil(5 / 2) blocks: one pass over the models
+    assert pool.max_resident <= 2 + 1  # the block's b directions + the model being read into it
+    hl_pool = CheckpointPool(states)
+    make_soup("hl+", base, hl_pool, loader, **FAST)
+    assert hl_pool.max_resident >= len(states)  # HL holds all K: the instrument does see models
+    learned_pool = CheckpointPool(states)
+    make_soup("learned+", base, learned_pool, loader, **FAST)
+    assert learned_pool.max_resident >= len(states)
+
+
+def test_prefetch_gives_the_same_soup(bn_setup):
+    base, states, loader = bn_setup
+    a = make_soup("mehl+", base, states, loader, model_batch_size=2, **FAST)
+    b = make_soup("mehl+", base, states, loader, model_batch_size=2, prefetch=True, **FAST)
+    assert torch.allclose(a.coefficients, b.coefficients, atol=1e-7)
+
+
+def test_same_seed_same_result_and_seed_changes_block_order(bn_setup):
+    base, states, loader = bn_setup
+    a = make_soup("mehl", base, states, loader, model_batch_size=2, seed=1, **FAST)
+    b = make_soup("mehl", base, states, loader, model_batch_size=2, seed=1, **FAST)
+    c = make_soup("mehl", base, states, loader, model_batch_size=2, seed=2, **FAST)
+    assert torch.equal(a.coefficients, b.coefficients) and a.history == b.history
+    assert not torch.equal(a.coefficients, c.coefficients)
+
+
+def test_batchnorm_buffers_follow_their_layer_weights(bn_setup):
+    base, states, loader = bn_setup
+    r = make_soup("hl+", base, states, loader, **FAST)
+    c = r.coefficients[:, r.layer_names.index("bn.weight")]
+    expected = sum(c[i] * s["bn.running_mean"] for i, s in enumerate(states))
+    assert torch.allclose(r.state_dict["bn.running_mean"], expected, atol=1e-5)
+    assert torch.equal(r.state_dict["bn.num_batches_tracked"], states[0]["bn.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("name", ["uniform", "greedy", "learned+", "hl+", "mehl+"])
+def test_tied_parameters(tied_setup, name):
+    base, states, loader = tied_setup
+    r = make_soup(name, base, states, loader, model_batch_size=2, **FAST)
+    assert torch.equal(r.state_dict["enc.weight"], r.state_dict["dec.weight"])
+    if r.layer_names is not None:
+        assert "dec.weight" not in r.layer_names  # one coefficient per shared tensor
+    model = type(base)()
+    model.load_state_dict(r.state_dict)
+    assert soupkit.evaluate(base, r, loader) == soupkit.evaluate(model, dict(model.state_dict()), loader)
+
+
+def test_stats_are_measured(bn_setup):
+    base, states, loader = bn_setup
+    r = make_soup("mehl+", base, states, loader, model_batch_size=2, **FAST)
+    s = r.stats
+    assert s["seconds_total"] > 0 and s["peak_memory_bytes"] >= 0 and s["memory_source"]
+    assert s["epochs"] == pytest.approx(3 * 12 / len(loader))  # 3 blocks x 12 steps over 4 batches
+    assert s["seconds_per_epoch"] == pytest.approx(s["seconds_total"] / s["epochs"])
+    assert len(r.history) == 36
+
+
+def test_result_save_and_load(bn_setup, tmp_path):
+    base, states, loader = bn_setup
+    r = make_soup("hl+", base, states, loader, **FAST)
+    back = soupkit.SoupResult.load(r.save(tmp_path / "run"))
+    assert back.name == "hl+" and back.layer_names == r.layer_names and back.history == r.history
+    assert torch.equal(back.coefficients, r.coefficients)
+    assert all(torch.equal(back.state_dict[k], r.state_dict[k]) for k in r.state_dict)
+
+
+def test_divergence_is_reported_not_written(bn_setup):
+    base, states, loader = bn_setup
+    bad = [(x * float("nan"), y) for x, y in loader]
+    with pytest.raises(soupkit.DivergenceError, match="non-finite"):
+        make_soup("mehl", base, states, bad, model_batch_size=2, **FAST)
+
+
+def test_options_that_change_the_geometry(bn_setup):
+    base, states, loader = bn_setup
+    raw = make_soup("mehl+", base, states, loader, model_batch_size=2, decentralize=False, **FAST)
+    assert "beta" in raw.params
+    official = make_soup("mehl+", base, states, loader, model_batch_size=2, normalize_directions=True,
+                         recenter=True, clip_grad_norm=1.0, **FAST)
+    assert torch.allclose(official.coefficients.sum(0), torch.ones(official.coefficients.shape[1]), atol=1e-5)
+    expected = sum(official.coefficients[i, 0] * s["fc1.weight"] for i, s in enumerate(states))
+    assert torch.allclose(official.state_dict["fc1.weight"], expected, atol=1e-5)
+    grouped = make_soup("hl+", base, states, loader, layer_grouping="module", **FAST)
+    assert grouped.layer_names == ["fc1", "bn", "fc2"]
+
+
+def test_early_stopping_keeps_the_best_checked_coefficients(bn_setup):
+    base, states, loader = bn_setup
+    r = make_soup("hl+", base, states, loader, select_loader=loader[:2], eval_every=4, **FAST)
+    assert r.state_dict is not None

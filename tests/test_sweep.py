@@ -1,0 +1,125 @@
+"""soupkit.sweep end to end on a tiny ViT and a tiny CIFAR-10 directory (seconds), and presets/paper.yaml."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from soupkit.clip_models import build_model_soups_model, load_model_soups_checkpoint, load_weights
+from soupkit.hub import sha256_file
+from soupkit.pool import CheckpointPool
+from soupkit.realdata import write_cifar_dir
+from soupkit.sweep import SweepConfig, SweepError, main, sample_hparams, warmup_cosine
+
+TINY = "soupkit-test-sweep-tiny"
+TINY_CFG = {  # the tokenizer emits CLIP's full vocabulary, so the zero-shot head needs vocab_size 49408
+    "embed_dim": 16, "quick_gelu": True,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+PRESETS = Path(__file__).resolve().parents[1] / "presets" / "paper.yaml"
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    config = tmp_path / f"{TINY}.json"
+    config.write_text(json.dumps(TINY_CFG))
+    rng = np.random.default_rng(0)
+    arrays = [(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)) for n in (40, 10)]
+    write_cifar_dir(tmp_path / "data", "cifar10", arrays[0], arrays[1], [f"class {i}" for i in range(10)])
+    base = ["--arch", TINY, "--model-config", str(config), "--dataset", "cifar10", "--root", str(tmp_path / "data"),
+            "--epochs", "1", "--batch-size", "8", "--warmup-steps", "2", "--lr-min", "1e-4", "--lr-max", "1e-3",
+            "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    return tmp_path, base
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "models.jsonl").read_text().splitlines()]
+
+
+def test_sweep_writes_resumes_and_extends(setup):
+    tmp_path, base = setup
+    out = tmp_path / "zoo"
+    assert main([*base, "--out", str(out), "--k", "2", "--head-init", "zeroshot", "--eval-test"]) == 0
+    records = _records(out)
+    assert [r["index"] for r in records] == [0, 1] and [r["file"] for r in records] == [
+        "model_000.safetensors", "model_001.safetensors"]
+    for r in records:  # the record fields of soupkit.zoo's models.jsonl
+        assert {"index", "file", "sha256", "hparams", "heldout_acc", "test_acc", "finetune_seconds"} <= set(r)
+        assert 0.0 <= r["heldout_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0 and r["finetune_seconds"] >= 0
+        assert r["hparams"]["steps"] == 5 and 1e-4 <= r["hparams"]["lr"] <= 1e-3  # 36 images / batch 8
+    assert len(json.loads((out / "split.json").read_text())["heldout"]) == 4  # 10 % of 40
+
+    # the files load strictly into the model-soups layout and form a valid checkpoint pool
+    model = build_model_soups_model(10, TINY)
+    load_weights(model, load_model_soups_checkpoint(out / "model_000.safetensors"), source="model_000")
+    pool = CheckpointPool([out / r["file"] for r in records], model=model)
+    assert len(pool) == 2
+    init = load_model_soups_checkpoint(out / "init.safetensors")
+    trained = load_model_soups_checkpoint(out / "model_001.safetensors")
+    assert not torch.equal(init["model.visual.proj"], trained["model.visual.proj"])
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("model_*.safetensors")}
+    main([*base, "--out", str(out), "--k", "3", "--head-init", "zeroshot", "--eval-test"])
+    assert [r["index"] for r in _records(out)] == [0, 1, 2]
+    assert _records(out)[:2] == records  # finished models were skipped, not retrained
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("model_00[01].safetensors")} == mtimes
+
+    # a checkpoint altered after its record was written is retrained
+    (out / "model_002.safetensors").write_bytes(b"corrupt")
+    main([*base, "--out", str(out), "--k", "3", "--head-init", "zeroshot", "--eval-test"])
+    assert _records(out)[2]["sha256"] == sha256_file(out / "model_002.safetensors")
+
+    with pytest.raises(SweepError, match=r"sweep_config\.json: .*lr_max=0\.001 vs 0\.01"):
+        main([*base, "--out", str(out), "--k", "3", "--head-init", "zeroshot", "--lr-max", "1e-2"])
+
+
+def test_hparams_depend_on_seed_and_index_only():
+    a = SweepConfig(arch="x", dataset="cifar10", root="r", out="o", k=4)
+    b = SweepConfig(arch="x", dataset="cifar10", root="r2", out="o2", k=32)
+    assert [sample_hparams(i, a) for i in range(4)] == [sample_hparams(i, b) for i in range(4)]
+    assert sample_hparams(0, a) != sample_hparams(1, a)
+    lrs = [sample_hparams(i, a)["lr"] for i in range(200)]
+    assert a.lr_min <= min(lrs) and max(lrs) <= a.lr_max
+
+
+def test_warmup_cosine_schedule():
+    values = [warmup_cosine(s, 10, 4) for s in range(10)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0] and values[4] == 1.0
+    assert values[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(x >= y for x, y in zip(values[3:], values[4:]))
+    assert warmup_cosine(0, 1, 500) == 1.0  # warm-up longer than the run is capped
+
+
+GENERIC = {"zoo", "checkpoint_dir", "dataset", "data_root", "num_models", "model_batch_size", "device",
+           "batch_size", "lr", "weight_decay", "epochs", "out_dir"}
+
+
+def test_paper_presets_parse_with_generic_names():
+    presets = yaml.safe_load(PRESETS.read_text())
+    assert "mehl_plus_vitb32_imagenet" in presets
+    for name, params in presets.items():
+        assert GENERIC <= set(params), (name, GENERIC - set(params))
+        assert not any(str(v).startswith("/") for v in params.values()), name  # no absolute paths
+        assert params["model_batch_size"] <= params["num_models"]
+    mehl = presets["mehl_plus_vitb32_imagenet"]
+    assert (mehl["num_models"], mehl["model_batch_size"], mehl["lr"], mehl["batch_size"]) == (72, 18, 0.01, 128)
+
+
+def test_pretrained_file_is_the_start_of_every_model(setup):
+    from soupkit.clip_models import create_clip
+    tmp_path, base = setup
+    main([*base, "--out", str(tmp_path / "probe"), "--k", "0"])  # registers the tiny config, trains nothing
+    torch.manual_seed(123)
+    weights = create_clip(TINY).state_dict()
+    torch.save(weights, tmp_path / "clip.pt")
+    out = tmp_path / "zoo"
+    main([*base, "--out", str(out), "--k", "1", "--pretrained", str(tmp_path / "clip.pt"), "--max-steps", "1"])
+    init = load_model_soups_checkpoint(out / "init.safetensors")
+    torch.testing.assert_close(init["model.visual.proj"], weights["visual.proj"])
+    assert _records(out)[0]["hparams"]["steps"] == 1

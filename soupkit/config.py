@@ -15,8 +15,9 @@ coefficients at the uniform soup at the start (softmax logits 0 / hyperplane α 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -33,12 +34,15 @@ class SoupConfig:
         device: where models, coefficients and batches live (``"cpu"``, ``"cuda:0"``...).
         dtype: floating dtype the models are combined and run in.
         progress: show tqdm progress bars.
-        seed: seeds the order of model blocks (MEHL) and anything else random in the method.
+        seed: seeds the order of model blocks (MEHL) and the global torch RNG inside the run (e.g. a shuffling
+            held-out loader); the caller's RNG state is restored afterwards. Same seed, same machine: same
+            coefficients and accuracies.
         lr, weight_decay: AdamW settings for the coefficients.
         epochs: passes over the held-out loader per block of models (inner loop length).
         inner_iterations: inner steps per block; overrides ``epochs`` when given.
         outer_iterations: blocks of models to train (MEHL); default one pass over all K models.
-        model_batch_size: b, the models per block (MEHL); default ceil(K / 4).
+        model_batch_size: b, the models per block (MEHL); default ceil(K / 4); b > K is clamped to K with a
+            warning (MEHL with b = K and one block is HL).
         warmup: fraction of each block's steps spent in linear warm-up.
         schedule: ``"cosine"`` or ``"constant"`` (after warm-up).
         batch_size: re-batch the held-out loader to this many examples per step (None keeps its batches).
@@ -57,6 +61,10 @@ class SoupConfig:
         select_loader: optional held-out part used for early stopping: the coefficients with the best
             accuracy on it (checked every ``eval_every`` steps and at the end of each block) are kept.
         eval_every: steps between early-stopping checks.
+        run_dir: HL/MEHL checkpoint their state here after every outer iteration and write the result at the end;
+            run again with the same arguments, they resume (see ``checkpointing.py``). None: no checkpoints.
+        check_basin: learned soups warn (``SharedBasinWarning``) when the models do not look like fine-tunes
+            of one pretrained model (``checks.check_shared_basin``; free after the centre pass).
     """
 
     device: Any = "cpu"
@@ -82,6 +90,8 @@ class SoupConfig:
     ties: str = "reject"
     select_loader: Optional[Iterable] = None
     eval_every: int = 50
+    run_dir: Optional[Union[str, os.PathLike]] = None
+    check_basin: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0:

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .checks import check_labels
 from .config import SoupConfig
+from .errors import DataError, DivergenceError
 from .evaluation import accuracy, eval_mode, predict
 from .layers import LayerMap
 
@@ -27,15 +29,12 @@ __all__ = ["DivergenceError", "BatchStream", "SimplexSpace", "HyperplaneSpace", 
 StateDict = dict[str, Tensor]
 
 
-class DivergenceError(RuntimeError):
-    """The loss or the gradient became NaN/Inf while learning coefficients; no soup was written."""
-
-
 class BatchStream:
     """Endless ``(x, y)`` batches from a re-iterable loader, on ``device``, optionally re-batched.
 
     ``examples_per_epoch`` and ``batches_per_epoch`` are known before the first step; ``epochs`` counts the
-    passes over the held-out set made so far (the paper's "#epoch").
+    passes over the held-out set made so far (the paper's "#epoch"). ``state_dict``/``load_state_dict`` save
+    and restore the position, so a resumed run sees the same batches (a shuffling loader included).
     """
 
     def __init__(self, loader: Iterable, device: str | torch.device, batch_size: int | None = None) -> None:
@@ -46,13 +45,15 @@ class BatchStream:
         sizes = [len(y) for _, y in self._raw()] if not hasattr(loader, "dataset") else None
         self.examples_per_epoch = len(loader.dataset) if sizes is None else sum(sizes)  # type: ignore[attr-defined]
         if self.examples_per_epoch == 0:
-            raise ValueError("the held-out loader is empty: coefficients cannot be learned from no data")
+            raise DataError("the held-out loader is empty: coefficients cannot be learned from no data")
         if batch_size is not None:
             self.batches_per_epoch = math.ceil(self.examples_per_epoch / batch_size)
         else:
             self.batches_per_epoch = len(sizes) if sizes is not None else len(loader)  # type: ignore[arg-type]
         self.examples_seen = 0
         self._it: Iterator | None = None
+        self._position = 0  # batches yielded in the current pass
+        self._epoch_rng: Tensor | None = None  # global RNG at the pass's start: a shuffling sampler draws from it
 
     def _raw(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.loader:
@@ -72,17 +73,47 @@ class BatchStream:
         if n:
             yield torch.cat(xs), torch.cat(ys)
 
+    def _start_pass(self) -> None:
+        self._epoch_rng, self._it, self._position = torch.get_rng_state(), self._epoch(), 0
+
     def next(self) -> tuple[Tensor, Tensor]:
         for _ in range(2):
             if self._it is None:
-                self._it = self._epoch()
+                self._start_pass()
             try:
                 x, y = next(self._it)
                 self.examples_seen += len(y)
+                self._position += 1
                 return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             except StopIteration:
                 self._it = None
-        raise ValueError("the held-out loader yielded no batches")
+        raise DataError("the held-out loader yielded no batches")
+
+    def state_dict(self) -> dict:
+        """``{"examples_seen", "position"}`` (ints) and ``"epoch_rng"`` (global RNG at the pass's start, or None)."""
+        return {"examples_seen": self.examples_seen, "position": self._position if self._it is not None else 0,
+                "epoch_rng": self._epoch_rng if self._it is not None else None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Return to a position from :meth:`state_dict` by replaying the current pass up to it.
+
+        Cost: re-reads at most one pass of the loader. The global RNG is left as it was before the call.
+        """
+        self.examples_seen, self._it, self._position = int(state["examples_seen"]), None, 0
+        if not state["position"]:
+            return
+        caller_rng = torch.get_rng_state()
+        torch.set_rng_state(state["epoch_rng"])  # so a shuffling sampler draws the same order again
+        try:
+            self._start_pass()
+            for _ in range(int(state["position"])):
+                next(self._it)
+                self._position += 1
+        except StopIteration:
+            raise DataError(f"the held-out loader has fewer batches than when the run was saved "
+                            f"(position {state['position']})") from None
+        finally:
+            torch.set_rng_state(caller_rng)
 
     @property
     def epochs(self) -> float:
@@ -105,6 +136,7 @@ def lr_lambda(steps: int, warmup: float, schedule: str) -> Callable[[int], float
 
 def _cross_entropy(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, y: Tensor, scale: Tensor | None) -> Tensor:
     logits = functional_call(model, dict(state), (x,))
+    check_labels(y, logits.shape)  # every batch: an out-of-range label is a device-side assert on CUDA
     if scale is not None:
         logits = logits * scale
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -242,4 +274,7 @@ def optimise(space: "SimplexSpace | HyperplaneSpace", w_init: Tensor, batches: B
                 acc = accuracy(*predict(space.model, space.state(w.detach()), cfg.select_loader, batches.device))
                 if acc > best_acc:
                     best_acc, best_w = acc, w.detach().clone()
-    return best_w if cfg.select_loader is not None else w.detach()
+    out = best_w if cfg.select_loader is not None else w.detach()
+    if not torch.isfinite(out).all():  # the last step is taken after the last finite loss
+        raise DivergenceError("non-finite coefficients after the last inner step; no soup was written")
+    return out

@@ -4,25 +4,31 @@ Checkpoints are files (``.safetensors``; ``.pt``/``.pth`` state dicts read with 
 memory-mapped where the file format allows) or in-memory state dicts. At most the models a caller asks for
 are resident: the centre θ̄ streams one model at a time, a block of models is read as one stacked tensor per
 key, and the next block can be read on a background thread while the current one is used.
+
+Nothing is trusted: ``.pt`` files are unpickled with ``weights_only=True`` (no code runs), every parse failure
+is a :class:`CheckpointError` naming the file, keys/shapes/dtypes are compared before any weights are read,
+and each model's values are checked for NaN/Inf the first time it is read (``check_finite``).
 """
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 import weakref
-import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "CheckpointPool", "TensorSpec", "save_state_dict", "load_state_dict"]
+from .checks import check_shared_basin, finite_sq_norms
+from .errors import CheckpointError
+
+__all__ = ["CheckpointError", "CheckpointPool", "TensorSpec", "save_state_dict", "load_state_dict",
+           "check_shared_basin"]
 
 Source = Union[str, os.PathLike, Mapping[str, Tensor]]
 StateDict = dict[str, Tensor]
@@ -31,11 +37,10 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
+    **{code: getattr(torch, name) for code, name in [
+        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2")] if hasattr(torch, name)},
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used: the message names the file (and the key, where one is at fault)."""
 
 
 @dataclass(frozen=True)
@@ -66,14 +71,13 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+        raise CheckpointError(f"{path}: " + ("not a file" if path.exists() else "file not found"))
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path), device="cpu")
         else:
             state = _read_pt(path)
-    except (pickle.UnpicklingError, RuntimeError, SafetensorError, EOFError, OSError, zipfile.BadZipFile,
-            ValueError, KeyError, TypeError, AttributeError, ImportError, UnicodeDecodeError) as err:
+    except Exception as err:  # noqa: BLE001  any way an untrusted file fails to parse is the file's fault
         raise CheckpointError(f"{path}: cannot be read as a safe state dict ({type(err).__name__}: {err})") from err
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
@@ -84,13 +88,22 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``state`` to ``path`` (safetensors) atomically: a temp file in the same folder, then a rename."""
+    """Write ``state`` to ``path`` (safetensors) atomically: a temp file in the same folder, then a rename.
+
+    A reader (or a process killed mid-write) sees the old file or the new one, never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # contiguous copies: safetensors refuses tensors that share storage (tied weights)
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        # contiguous copies: safetensors refuses tensors that share storage (tied weights)
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp),
+                  metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -101,19 +114,26 @@ class CheckpointPool:
         sources: file paths (``.safetensors``, ``.pt``, ``.pth``) or state dicts, in a fixed order.
         model: optional module of the architecture; the checkpoints must match its ``state_dict()``.
         cast_dtype: if given, floating tensors of differing dtypes are allowed and cast to it when read.
+        check_finite: raise if a model holds NaN/Inf values, checked the first time it is read (per dtype it
+            is read in) by the one norm reduction per tensor that also records ``sq_norms``. Turn it off for
+            models with legitimate infinities (e.g. a mask buffer of -inf).
 
     Attributes:
         spec: ``{key: TensorSpec}`` of the first checkpoint, which all others match.
+        sq_norms: ``{i: {key: ‖θ_i[key]‖²}}`` of the models read so far (for the basin and resume checks).
         max_resident: the largest number of fine-tuned models held at once (instrumentation; see ``resident``).
     """
 
     def __init__(self, sources: Iterable[Source], *, model: nn.Module | None = None,
-                 cast_dtype: torch.dtype | None = None) -> None:
+                 cast_dtype: torch.dtype | None = None, check_finite: bool = True) -> None:
         self.sources: list[Source] = list(sources)
         if not self.sources:
             raise CheckpointError("the pool is empty (K = 0): give at least one checkpoint")
         self.names = [f"<state dict {i}>" if isinstance(s, Mapping) else str(s) for i, s in enumerate(self.sources)]
         self.cast_dtype = cast_dtype
+        self.check_finite = check_finite
+        self.sq_norms: dict[int, dict[str, float]] = {}
+        self._checked: set[tuple[int, frozenset]] = set()  # (model, floating dtypes it was checked in)
         self.spec: dict[str, TensorSpec] = self._read_spec(0)
         for i in range(1, len(self)):
             self._check_spec(self._read_spec(i), self.names[i], f"the first checkpoint ({self.names[0]})")
@@ -139,13 +159,17 @@ class CheckpointPool:
         else:
             path = Path(source)
             if path.suffix == ".safetensors" and path.is_file():
-                try:
+                try:  # the header only: no tensor is read
                     with safe_open(str(path), framework="pt") as fh:
-                        return {k: TensorSpec(tuple(fh.get_slice(k).get_shape()),
-                                              _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype(), torch.uint8))
-                                for k in fh.keys()}
-                except (SafetensorError, OSError, ValueError) as err:
+                        slices = {k: fh.get_slice(k) for k in fh.keys()}
+                        header = {k: (tuple(v.get_shape()), v.get_dtype()) for k, v in slices.items()}
+                except Exception as err:  # noqa: BLE001  an untrusted header failing to parse is the file's fault
                     raise CheckpointError(f"{path}: cannot be read as safetensors ({err})") from err
+                unknown = [k for k, (_, code) in header.items() if code not in _SAFETENSORS_DTYPES]
+                if unknown:
+                    raise CheckpointError(f"{path}: key {unknown[0]!r} has dtype {header[unknown[0]][1]}, "
+                                          "which soupkit does not read")
+                return {k: TensorSpec(shape, _SAFETENSORS_DTYPES[code]) for k, (shape, code) in header.items()}
             state = load_state_dict(path)  # memory-mapped for zip-format .pt: cheap
         for key, value in state.items():
             if not isinstance(value, Tensor):
@@ -168,7 +192,7 @@ class CheckpointPool:
                 both_float = got.dtype.is_floating_point and ref.dtype.is_floating_point
                 if not (self.cast_dtype is not None and both_float):
                     raise CheckpointError(f"{name}: key {key!r} has dtype {got.dtype}, {against} has {ref.dtype} "
-                                          "(pass cast_dtype=... to allow a cast)")
+                                          "(CheckpointPool(..., cast_dtype=torch.float32) allows a cast)")
 
     def check_model(self, model: nn.Module) -> None:
         """Raise CheckpointError unless the checkpoints match ``model.state_dict()`` in keys, shapes, dtypes."""
@@ -211,8 +235,33 @@ class CheckpointPool:
         self._check_spec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in raw.items()}, self.names[i],
                          f"the first checkpoint ({self.names[0]})")  # files may change after construction
         out = _Loaded({k: self._cast(raw[k], device, dtype) for k in self.spec})
+        checked = self._value_key(i, dtype)
+        if checked not in self._checked:
+            # after the cast: a float32 value beyond float16's range becomes Inf only in the float16 copy
+            self.sq_norms.setdefault(i, finite_sq_norms(out, self.names[i], check=self.check_finite))
+            self._checked.add(checked)
         self._track(out, 1)
         return out
+
+    def _value_key(self, i: int, dtype: torch.dtype | None) -> tuple[int, frozenset]:
+        floats = (s.dtype for s in self.spec.values() if s.dtype.is_floating_point)
+        return i, frozenset(dtype or self.cast_dtype or d for d in floats)
+
+    def check_values(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+        """Read (one at a time) every model not yet checked for NaN/Inf in ``dtype``; no-op without ``check_finite``.
+
+        Raises:
+            CheckpointError: naming the first file and key holding NaN/Inf.
+        """
+        for i in range(len(self)):
+            if self.check_finite and self._value_key(i, dtype) not in self._checked:
+                self.load(i, device, dtype)  # the check is the side effect; the model is freed at once
+
+    def model_sq_norms(self, i: int) -> dict[str, float]:
+        """``{key: ‖θ_i[key]‖²}`` of model ``i``'s floating tensors; reads the model unless already known."""
+        if i not in self.sq_norms:
+            self.load(i)  # records them
+        return self.sq_norms[i]
 
     def load_stack(self, indices: Sequence[int], device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, subtract: Mapping[str, Tensor] | None = None,

@@ -342,13 +342,14 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
         _preflight(model, pool, val_loader, cfg, method)
         seed(cfg.seed)  # after the checks, so that they do not move the run's random stream
         start = time.perf_counter()
+        pool.max_resident = pool.resident  # count the fine-tuned models this run holds at once
         with PeakMemory(cfg.device) as meter:
             result = method.fn(model, pool, val_loader, cfg)
         seconds = time.perf_counter() - start
     epochs = result.stats.get("epochs", 0)
     result.stats.update(seconds_total=seconds, seconds_per_epoch=seconds / epochs if epochs else None,
                         peak_memory_bytes=meter.peak_bytes, memory_source=meter.source,
-                        device=str(cfg.device), num_models=len(pool))
+                        device=str(cfg.device), num_models=len(pool), max_resident_models=pool.max_resident)
     if cfg.run_dir is not None and method.resumable:
         result.save(Path(cfg.run_dir) / "result")
     return result

@@ -176,6 +176,9 @@ def test_stats_are_measured(bn_setup):
     assert s["epochs"] == pytest.approx(3 * 12 / len(loader))  # 3 blocks x 12 steps over 4 batches
     assert s["seconds_per_epoch"] == pytest.approx(s["seconds_total"] / s["epochs"])
     assert len(r.history) == 36
+    assert 2 <= s["max_resident_models"] <= 3  # b directions (+ the model being read)
+    learned = make_soup("learned+", base, states, loader, **FAST)
+    assert learned.stats["max_resident_models"] == len(states)
 
 
 def test_result_save_and_load(bn_setup, tmp_path):

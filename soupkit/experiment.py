@@ -1,0 +1,178 @@
+"""Run soup methods on a zoo and record the paper's table columns, each method in a fresh process.
+
+A fresh process per method is what makes the peak-memory column honest on CPU: the resident-set high-water
+mark, the allocator's caches and the models of an earlier method in the same process would all leak into
+the next method's number.
+
+    python -m soupkit.experiment '{"zoo_dir": "outputs/zoo", "method": "mehl+", "record": "out/mehl+.json"}'
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import load_split, load_splits, make_loader, to_tensor
+from .evaluation import evaluate
+from .io import atomic_write_json
+from .methods import METHODS, make_soup
+from .pool import CheckpointPool
+from .zoo import Zoo, load_zoo
+
+__all__ = ["RunSpec", "soup_options", "zoo_loaders", "zoo_table", "run_method", "run_isolated", "run_methods"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One soup run on a zoo (all fields are JSON scalars, so a spec crosses process boundaries).
+
+    Attributes:
+        zoo_dir: the zoo (``soupkit.zoo.build_zoo`` output).
+        method: a name of ``soupkit.METHODS``.
+        record: JSON file the record is written to; ``save_dir`` (optional) receives the SoupResult.
+        models: use only these zoo indices (e.g. to drop the top models); None = all.
+        heldout_size: images of the held-out split used (a class-balanced prefix); None = all.
+        select_fraction: part of those held out for early stopping of learned soups (0 = none).
+        options: keyword options of ``make_soup`` (scalars).
+    """
+
+    zoo_dir: str
+    method: str
+    record: str
+    save_dir: str | None = None
+    models: tuple[int, ...] | None = None
+    heldout_size: int | None = None
+    select_fraction: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float = 0.01,
+                 weight_decay: float = 0.0, epochs: float = 5.0, model_batch_size: int | None = None,
+                 **common: Any) -> dict[str, Any]:
+    """``make_soup`` options for ``method`` from the scalar parameters notebooks expose."""
+    opts: dict[str, Any] = dict(common)
+    if method.startswith("learned"):
+        opts.update(lr=learned_lr, epochs=epochs)
+    elif method.startswith(("hl", "mehl")):
+        opts.update(lr=hyperplane_lr, weight_decay=weight_decay, epochs=epochs)
+        if method.startswith("mehl") and model_batch_size is not None:
+            opts["model_batch_size"] = model_batch_size
+    return opts
+
+
+def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
+                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    """Loaders of a zoo's data: ``learn`` (shuffled held-out part for coefficients), ``select`` (held-out part
+    for early stopping, or None), ``heldout`` and ``test`` (fixed order, for evaluation)."""
+    splits = load_splits(name=zoo.config.split_name)
+    channels = zoo.config.model.in_channels
+
+    def tensors(name: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = load_split(name, n, splits)
+        return to_tensor(images, channels), torch.from_numpy(labels)
+
+    hx, hy = tensors("heldout", heldout_size)
+    tx, ty = tensors("test", None)
+    n_select = int(round(select_fraction * len(hy)))
+    learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
+    return {
+        "learn": make_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
+        "select": make_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
+        if n_select else None,
+        "heldout": make_loader(hx, hy, eval_batch_size, shuffle=False),
+        "test": make_loader(tx, ty, eval_batch_size, shuffle=False),
+    }
+
+
+def zoo_table(zoo: Zoo) -> pd.DataFrame:
+    """One row per fine-tune: index, hyper-parameters, held-out/test accuracy (fractions), fine-tune seconds."""
+    rows = [{"index": r["index"], **r["hparams"], "heldout_acc": r["heldout_acc"], "test_acc": r["test_acc"],
+             "finetune_seconds": r["finetune_seconds"]} for r in zoo.records]
+    return pd.DataFrame(rows)
+
+
+def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
+    """Run ``spec`` in this process; write and return its record (accuracies as fractions)."""
+    zoo = load_zoo(spec.zoo_dir)
+    indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
+    pool = CheckpointPool([zoo.paths[i] for i in indices])
+    model = zoo.make_model()
+    loaders = zoo_loaders(zoo, spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction,
+                          spec.seed)
+    options = {"progress": progress, "seed": spec.seed, **spec.options}
+    if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}:
+        options["select_loader"] = loaders["select"]
+    result = make_soup(spec.method, model, pool, loaders["learn"], **options)
+    record = {
+        **{k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")},
+        "num_models": len(pool),
+        "test_accuracy": evaluate(model, result, loaders["test"]),
+        "heldout_accuracy": evaluate(model, result, loaders["heldout"]),
+        **{k: v for k, v in result.stats.items() if not isinstance(v, (list, dict))},
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "chosen" in result.stats:
+        record["chosen"] = [indices[i] for i in result.stats["chosen"]]
+    if spec.save_dir:
+        result.save(spec.save_dir)
+    atomic_write_json(spec.record, record)
+    return record
+
+
+def run_isolated(spec: RunSpec, timeout: float | None = None) -> dict[str, Any]:
+    """:func:`run_method` in a fresh Python process (honest peak memory); returns the record it wrote."""
+    payload = json.dumps(asdict(spec))
+    proc = subprocess.run([sys.executable, "-m", "soupkit.experiment", payload], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec.method} failed in its subprocess (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(Path(spec.record).read_text())
+
+
+def run_methods(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, methods: Sequence[str] | None = None,
+                isolate: bool = True, progress: bool = True, options: dict[str, dict[str, Any]] | None = None,
+                **spec_fields: Any) -> list[dict[str, Any]]:
+    """Run each method on the zoo (fresh process each when ``isolate``), write ``<out_dir>/<method>.json`` and
+    ``<out_dir>/<method>/`` (soup, coefficients), and return the records in order.
+
+    Args:
+        methods: names of ``soupkit.METHODS`` (default: all).
+        options: per-method ``make_soup`` options, ``{method: {...}}``.
+        **spec_fields: other :class:`RunSpec` fields shared by all runs (``heldout_size``, ``models``...).
+    """
+    methods = list(methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    out = Path(out_dir)
+    records = []
+    for method in tqdm(methods, desc="soup methods", disable=not progress):
+        spec = RunSpec(zoo_dir=str(zoo_dir), method=method, record=str(out / f"{method}.json"),
+                       save_dir=str(out / method.replace("+", "_plus")), options=(options or {}).get(method, {}),
+                       **spec_fields)
+        records.append(run_isolated(spec) if isolate else run_method(spec))
+    return records
+
+
+def _spec_from_json(payload: str) -> RunSpec:
+    raw = json.loads(payload)
+    if raw.get("models") is not None:
+        raw["models"] = tuple(raw["models"])
+    return replace(RunSpec(raw.pop("zoo_dir"), raw.pop("method"), raw.pop("record")), **raw)
+
+
+if __name__ == "__main__":
+    run_method(_spec_from_json(sys.argv[1]))

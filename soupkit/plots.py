@@ -1,0 +1,56 @@
+"""Figures drawn from result files (never from in-memory state only), saved atomically as PNG."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves
+import pandas as pd
+
+from .results import DISPLAY
+
+__all__ = ["save_figure", "plot_main_table"]
+
+_LEARNED = {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Save ``fig`` to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    os.replace(tmp, path)
+    return path
+
+
+def _colours(methods: pd.Series) -> list[str]:
+    return ["tab:red" if m.startswith("mehl") else "tab:blue" if m in _LEARNED else "tab:gray" for m in methods]
+
+
+def plot_main_table(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Three panels from :func:`soupkit.results.main_table`: test accuracy, construction time, peak memory.
+
+    Methods with no construction (best, uniform, ensemble) appear in the accuracy panel only.
+    """
+    names = table["method"].map(DISPLAY)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    acc = table["test acc (%)"]
+    axes[0].barh(names, acc, color=_colours(table["method"]))
+    low = acc.min()
+    axes[0].set_xlim(max(0.0, low - 2 * (acc.max() - low + 0.5)), min(100.0, acc.max() + 0.5))
+    axes[0].set_xlabel("test accuracy (%)")
+    built = table.dropna(subset=["construction (s)"])
+    built_names = built["method"].map(DISPLAY)
+    axes[1].barh(built_names, built["construction (s)"], color=_colours(built["method"]))
+    axes[1].set_xlabel("soup construction time (s)")
+    axes[2].barh(built_names, built["peak memory (MB)"], color=_colours(built["method"]))
+    axes[2].set_xlabel("measured peak memory (MB)")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -65,6 +65,10 @@ class SoupConfig:
             run again with the same arguments, they resume (see ``checkpointing.py``). None: no checkpoints.
         check_basin: learned soups warn (``SharedBasinWarning``) when the models do not look like fine-tunes
             of one pretrained model (``checks.check_shared_basin``; free after the centre pass).
+        parallel: spread a learned soup over the ranks of the initialised ``torch.distributed`` process group
+            (every rank calls ``make_soup`` with the same arguments): ``"data"`` (each rank a part of every
+            batch; all learned soups) or ``"model"`` (each rank a part of each block's models; HL/MEHL).
+            None: this process alone. See ``soupkit/distributed.py``; other methods run whole on every rank.
     """
 
     device: Any = "cpu"
@@ -92,6 +96,7 @@ class SoupConfig:
     eval_every: int = 50
     run_dir: Optional[Union[str, os.PathLike]] = None
     check_basin: bool = True
+    parallel: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0:
@@ -108,6 +113,8 @@ class SoupConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.parallel not in (None, "data", "model"):
+            raise ValueError(f"parallel must be 'data', 'model' or None, got {self.parallel!r}")
 
 
 _LEARNED = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, logit_scale=True)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from .checks import check_labels
 from .config import SoupConfig
+from .distributed import Communicator, shard_bounds, shard_loader
 from .errors import DataError, DivergenceError
 from .evaluation import accuracy, eval_mode, predict
 from .layers import LayerMap
@@ -35,13 +36,21 @@ class BatchStream:
     ``examples_per_epoch`` and ``batches_per_epoch`` are known before the first step; ``epochs`` counts the
     passes over the held-out set made so far (the paper's "#epoch"). ``state_dict``/``load_state_dict`` save
     and restore the position, so a resumed run sees the same batches (a shuffling loader included).
+
+    With ``shard=(rank, world_size)`` each batch is this rank's rows ``distributed.shard_bounds`` of the
+    global batch (possibly none); counts stay global. A DataLoader over a BatchSampler without re-batching
+    reads only those rows (``distributed.shard_loader``); any other loader is read whole and sliced.
     """
 
-    def __init__(self, loader: Iterable, device: str | torch.device, batch_size: int | None = None) -> None:
+    def __init__(self, loader: Iterable, device: str | torch.device, batch_size: int | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         if isinstance(loader, Iterator):
             raise TypeError("the held-out loader must be re-iterable (a DataLoader or a list of batches), "
                             "not a one-shot iterator")
         self.loader, self.device, self.batch_size = loader, device, batch_size
+        self.shard = shard if shard is not None and shard[1] > 1 else None
+        self._source: Iterable = loader
+        self._sizes: list[int] | None = None  # global batch sizes of a pass, when _source reads this rank's rows
         sizes = [len(y) for _, y in self._raw()] if not hasattr(loader, "dataset") else None
         self.examples_per_epoch = len(loader.dataset) if sizes is None else sum(sizes)  # type: ignore[attr-defined]
         if self.examples_per_epoch == 0:
@@ -54,9 +63,13 @@ class BatchStream:
         self._it: Iterator | None = None
         self._position = 0  # batches yielded in the current pass
         self._epoch_rng: Tensor | None = None  # global RNG at the pass's start: a shuffling sampler draws from it
+        if self.shard is not None and batch_size is None:
+            split = shard_loader(loader, *self.shard)
+            if split is not None:
+                self._source, self._sizes = split
 
     def _raw(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for batch in self.loader:
+        for batch in self._source:
             yield batch[0], batch[1]
 
     def _epoch(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -82,12 +95,27 @@ class BatchStream:
                 self._start_pass()
             try:
                 x, y = next(self._it)
-                self.examples_seen += len(y)
+                x, y, total = self._rows(x, y)
+                self.examples_seen += total
                 self._position += 1
                 return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             except StopIteration:
                 self._it = None
         raise DataError("the held-out loader yielded no batches")
+
+    def _rows(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
+        """This rank's rows of the batch just read, and the size of the global batch."""
+        if self.shard is None:
+            return x, y, len(y)
+        if self._sizes is None:  # a whole global batch was read
+            lo, hi = shard_bounds(len(y), *self.shard)
+            return x[lo:hi], y[lo:hi], len(y)
+        total = self._sizes[self._position] if self._position < len(self._sizes) else -1
+        lo, hi = shard_bounds(total, *self.shard)
+        if total < 0 or len(y) != max(hi - lo, 1):
+            raise DataError(f"rank {self.shard[0]} read {len(y)} rows of held-out batch {self._position}; its "
+                            "BatchSampler announced otherwise (did the loader's dataset or sampler change?)")
+        return x[:hi - lo], y[:hi - lo], total  # [:0] drops the stand-in row of an empty part
 
     def state_dict(self) -> dict:
         """``{"examples_seen", "position"}`` (ints) and ``"epoch_rng"`` (global RNG at the pass's start, or None)."""
@@ -149,11 +177,26 @@ def _coefficient(w: Tensor, g: int) -> Tensor:
     return w[:, g] if g >= 0 else w.mean(dim=1)
 
 
+def _data_and_model(comm: Communicator | None) -> tuple[Communicator | None, Communicator | None]:
+    """``comm`` as (data-parallel, model-parallel) communicator; None where it does not apply."""
+    if comm is None or comm.world_size == 1:
+        return None, None
+    return (comm, None) if comm.mode == "data" else (None, comm)
+
+
 class SimplexSpace:
-    """Learned-Soup: softmax coefficients, autograd through the combination of all K resident models."""
+    """Learned-Soup: softmax coefficients, autograd through the combination of all K resident models.
+
+    With a data-parallel ``comm`` the batch is this rank's part of the global batch, and the gradients of the
+    logits (and of the logit scale) are averaged over the ranks before the clip.
+    """
 
     def __init__(self, model: nn.Module, models: list[StateDict], layers: LayerMap, logit_scale: bool,
-                 clip_grad_norm: float | None = None) -> None:
+                 clip_grad_norm: float | None = None, comm: Communicator | None = None) -> None:
+        self.comm, model_comm = _data_and_model(comm)
+        if model_comm is not None:
+            raise ValueError("Learned-Soup combines all K models in one graph: use parallel='data' "
+                             "(parallel='model' splits the models of HL/MEHL)")
         self.model, self.models, self.layers = model, models, layers
         self.fixed = {k: models[0][k] for k in layers.fixed}
         device = next(iter(models[0].values())).device
@@ -173,13 +216,20 @@ class SimplexSpace:
             return {**self._combine(p, self.layers.mixed), **self.fixed}
 
     def loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        p = torch.softmax(w, dim=0)
-        theta = self._combine(p, self.layers.trainable)
-        with torch.no_grad():
-            pb = torch.cat([p, p.mean(dim=1, keepdim=True)], dim=1)
-            theta.update(self._combine(pb, self.layers.buffers))
-        loss = _cross_entropy(self.model, {**theta, **self.fixed}, x, y, self.scale)
-        loss.backward()
+        if len(y):
+            p = torch.softmax(w, dim=0)
+            theta = self._combine(p, self.layers.trainable)
+            with torch.no_grad():
+                pb = torch.cat([p, p.mean(dim=1, keepdim=True)], dim=1)
+                theta.update(self._combine(pb, self.layers.buffers))
+            loss = _cross_entropy(self.model, {**theta, **self.fixed}, x, y, self.scale)
+            loss.backward()
+        else:  # this rank's part of a global batch with fewer rows than ranks: it adds nothing
+            loss = torch.zeros((), device=w.device)
+            for param in (w, *self.extra):
+                param.grad = torch.zeros_like(param)
+        if self.comm is not None:
+            loss = self.comm.all_reduce_mean_([w.grad, *(p.grad for p in self.extra)], len(y), loss)
         if self.clip is not None:
             nn.utils.clip_grad_norm_([w], self.clip)
         return loss.detach()
@@ -196,25 +246,38 @@ class HyperplaneSpace:
 
     Args:
         soup: the soup at ``w0``, canonical keys (mixed + fixed), each ``[*shape]``; owned and updated.
-        stack: directions of the block, ``{mixed key: Tensor[b, *shape]}``.
+        stack: directions of the block, ``{mixed key: Tensor[b, *shape]}``; with a model-parallel ``comm``
+            only this rank's rows ``comm.rows(b)``: ``Tensor[b_r, *shape]``.
         w0: coefficients at which ``soup`` was formed, ``[b, L]``.
         scale: per-direction, per-layer factor ``[b, L]`` (1/‖D_{i,l}‖ for normalised directions).
+        comm: data parallel: the batch is this rank's part, and the ``[b, L]`` gradient (with a clip: ∇θ) is
+            averaged over the ranks; model parallel: soup moves and the gradient's rows are summed over ranks.
     """
 
     def __init__(self, model: nn.Module, soup: StateDict, stack: StateDict, layers: LayerMap, w0: Tensor,
-                 scale: Tensor | None = None, clip_grad_norm: float | None = None) -> None:
+                 scale: Tensor | None = None, clip_grad_norm: float | None = None,
+                 comm: Communicator | None = None) -> None:
+        self.data_comm, self.model_comm = _data_and_model(comm)
+        self.rows = self.model_comm.rows(len(w0)) if self.model_comm is not None else slice(0, len(w0))
+        held = {v.shape[0] for v in stack.values()}
+        if held and held != {self.rows.stop - self.rows.start}:
+            raise ValueError(f"the stack holds {sorted(held)} rows; rows {self.rows.start}:{self.rows.stop} of "
+                             f"the block of {len(w0)} were expected")
         self.model, self.theta, self.stack, self.layers = model, soup, stack, layers
         self.w0, self.applied = w0.detach().clone(), w0.detach().clone()
         self.scale = torch.ones_like(w0) if scale is None else scale
         self.fixed = {k: soup[k] for k in layers.fixed}
-        self.flat = {k: stack[k].reshape(stack[k].shape[0], -1) for k in layers.trainable}  # [b, n_k] views
+        self.flat = {k: stack[k].flatten(1) if stack[k].dim() > 1 else stack[k][:, None]  # [b, n_k] views
+                     for k in layers.trainable}
         self.clip = clip_grad_norm
         self.extra: list[nn.Parameter] = []
 
     def _offsets(self, w: Tensor) -> Iterator[tuple[str, Tensor]]:
-        c = ((w.detach() - self.applied) * self.scale).to(next(iter(self.stack.values())).dtype)
-        for k in self.layers.mixed:
-            yield k, torch.tensordot(_coefficient(c, self.layers.group[k]), self.stack[k], dims=1)
+        c = ((w.detach() - self.applied) * self.scale)[self.rows].to(next(iter(self.stack.values())).dtype)
+        own = ((k, torch.tensordot(_coefficient(c, self.layers.group[k]), self.stack[k], dims=1))
+               for k in self.layers.mixed)
+        # model parallel: each rank's rows give part of the move; their sum, bucket by bucket, is the move
+        return self.model_comm.summed(own) if self.model_comm is not None else own
 
     @torch.no_grad()
     def state(self, w: Tensor) -> StateDict:
@@ -231,9 +294,16 @@ class HyperplaneSpace:
 
     def loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         self.move_to(w)
-        leaves = {k: self.theta[k].detach().requires_grad_(True) for k in self.layers.trainable}
-        loss = _cross_entropy(self.model, {**self.theta, **leaves}, x, y, None)
-        grads = torch.autograd.grad(loss, list(leaves.values()))
+        if len(y):
+            leaves = {k: self.theta[k].detach().requires_grad_(True) for k in self.layers.trainable}
+            loss = _cross_entropy(self.model, {**self.theta, **leaves}, x, y, None)
+            grads = list(torch.autograd.grad(loss, list(leaves.values())))
+        else:  # this rank's part of a global batch with fewer rows than ranks: it adds nothing
+            loss = torch.zeros((), device=w.device)
+            grads = [torch.zeros_like(self.theta[k]) for k in self.layers.trainable]
+        reduce_theta = self.data_comm is not None and self.clip is not None
+        if reduce_theta:  # the clip needs the norm of the global ∇θ, which only ∇θ itself gives
+            loss = self.data_comm.all_reduce_mean_(grads, len(y), loss)
         if self.clip is not None:
             norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
             factor = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
@@ -241,7 +311,11 @@ class HyperplaneSpace:
         gw = torch.zeros_like(w)
         for k, g in zip(self.layers.trainable, grads):
             # ∂L/∂w_{i,l} += ⟨∇_θ L, D_i⟩ over the tensors of layer l: one [b, n] @ [n] product per tensor
-            gw[:, self.layers.group[k]] += (self.flat[k] @ g.reshape(-1).to(self.flat[k].dtype)).to(gw.dtype)
+            gw[self.rows, self.layers.group[k]] += (self.flat[k] @ g.reshape(-1).to(self.flat[k].dtype)).to(gw.dtype)
+        if self.model_comm is not None:  # every rank filled its own rows: the sum is the whole gradient
+            self.model_comm.all_reduce_sum_([gw])
+        elif self.data_comm is not None and not reduce_theta:
+            loss = self.data_comm.all_reduce_mean_([gw], len(y), loss)
         w.grad = gw * self.scale
         return loss.detach()
 

@@ -1,0 +1,248 @@
+"""``python -m soupkit``: one soup method on a pool of checkpoints, in one process or under ``torchrun``.
+
+    python -m soupkit mehl+ --zoo outputs/zoo --out runs/mehl+
+    torchrun --nproc-per-node 4 -m soupkit mehl+ --zoo outputs/zoo --out runs/mehl+ --parallel model
+    python -m soupkit learned+ --arch ViT-B-32-quickgelu --pool 'checkpoints/model-soups/model_*.pt' \\
+        --data imagenet --data-root data/imagenet --split-file splits/imagenet_heldout.json --out runs/learned+
+
+The architecture comes from an embedded zoo (``--zoo``; its files are the pool unless ``--pool`` is given)
+or from open_clip (``--arch``, model-soups layout, with ``--data``). Rank 0 writes ``--out`` (the
+:class:`SoupResult`: soup, coefficients, stats with the test accuracy) and shows the progress bar.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import warnings
+from dataclasses import fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .config import SoupConfig, config_for
+from .methods import METHODS, make_soup
+from .pool import CheckpointPool
+
+__all__ = ["main", "entry", "parse_option", "expand_pool"]
+
+_LEARNED = {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}
+_NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
+_NOT_OPTIONS = {"select_loader": "--select-fraction", "device": "--device", "parallel": "--parallel",
+                "progress": "--no-progress", "seed": "--seed"}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``, the value an int, float, bool, None, torch dtype or string.
+
+    >>> parse_option("lr=0.02"), parse_option("prefetch=true"), parse_option("layer_grouping=module")
+    (('lr', 0.02), ('prefetch', True), ('layer_grouping', 'module'))
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, low = key.strip(), raw.strip().lower()
+    if key == "dtype":
+        dtype = getattr(torch, low, None)
+        if not isinstance(dtype, torch.dtype):
+            raise argparse.ArgumentTypeError(f"dtype={raw!r} is not a torch dtype (float32, bfloat16, ...)")
+        return key, dtype
+    if low in ("true", "false"):
+        return key, low == "true"
+    if low in ("none", "null"):
+        return key, None
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def expand_pool(patterns: Sequence[str], list_file: str | None = None) -> list[Path]:
+    """Checkpoint paths from paths/globs (each glob sorted) and a list file (one path a line, ``#`` comments,
+    relative to the list's folder), in that order."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        found = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not found and not glob.has_magic(pattern):
+            found = [pattern]  # a plain path: let the pool name it if it is missing
+        if not found:
+            raise FileNotFoundError(f"--pool {pattern!r} matches no file")
+        paths += [Path(p) for p in found]
+    if list_file is not None:
+        base = Path(list_file).parent
+        for line in Path(list_file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                paths.append(Path(line) if Path(line).is_absolute() else base / line)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    options = sorted(f.name for f in fields(SoupConfig) if f.name not in _NOT_OPTIONS)
+    p = argparse.ArgumentParser(prog="python -m soupkit", description="Run one soup method on a pool of "
+                                "checkpoints, in one process or on every rank of torchrun.",
+                                epilog="Keys of --option (see soupkit.config.SoupConfig): " + ", ".join(options))
+    p.add_argument("method", choices=list(METHODS))
+    p.add_argument("--out", required=True, help="folder for soup.safetensors, coefficients.safetensors, result.json")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--zoo", help="embedded zoo directory (soupkit.zoo): architecture, data and default pool")
+    src.add_argument("--arch", help="open_clip architecture of model-soups-style checkpoints, e.g. ViT-B-32-quickgelu")
+    p.add_argument("--pool", nargs="+", default=[], metavar="PATH_OR_GLOB", help=".safetensors/.pt checkpoints")
+    p.add_argument("--pool-list", help="text file with one checkpoint path a line")
+    p.add_argument("--data", choices=sorted(_NUM_CLASSES), help="dataset of --arch checkpoints")
+    p.add_argument("--data-root", help="ImageNet folders or the CIFAR python files (--arch)")
+    p.add_argument("--split-file", help="held-out split JSON, created on first use (--arch; default "
+                   "splits/<data>_heldout.json)")
+    p.add_argument("--num-classes", type=int, help="classifier classes (--arch; default from --data)")
+    p.add_argument("--heldout-size", type=int, help="zoo: use this many held-out images (default all)")
+    p.add_argument("--select-fraction", type=float, default=0.0, help="zoo: part of the held-out set kept "
+                   "for early stopping of learned soups")
+    p.add_argument("--batch-size", type=int, default=128, help="global held-out batch (all ranks together)")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank (--arch)")
+    p.add_argument("--device", help="default: cuda:<LOCAL_RANK> if CUDA is available, else cpu")
+    p.add_argument("--parallel", choices=["data", "model"], default="data",
+                   help="under torchrun: split every batch (data) or each block's models (model; hl/mehl)")
+    p.add_argument("--backend", help="torch.distributed backend (default nccl on CUDA, else gloo)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective waits for a peer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+                   help="a SoupConfig option (repeatable), e.g. model_batch_size=18 clip_grad_norm=1")
+    p.add_argument("--no-eval", action="store_true", help="skip the test accuracy")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _options(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]:
+    options = dict(args.option)
+    for key, flag in _NOT_OPTIONS.items():
+        if key in options:
+            p.error(f"--option {key}=...: use {flag}")
+    try:
+        config_for(args.method, **options)  # unknown or invalid options fail now, not after loading
+    except (TypeError, ValueError) as err:
+        p.error(str(err))
+    return options
+
+
+def _init_distributed(args: argparse.Namespace) -> tuple[str, int, int]:
+    """``(device, rank, world_size)``; joins the process group that ``torchrun`` describes in the environment
+    (or uses the caller's, if one is initialised)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if dist.is_available() and dist.is_initialized():
+        return device, dist.get_rank(), dist.get_world_size()
+    if world == 1:
+        return device, 0, 1
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+    backend = args.backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
+    from .experiment import zoo_loaders  # noqa: PLC0415  (pandas, data files: only for zoo runs)
+    from .zoo import load_zoo  # noqa: PLC0415
+
+    zoo = load_zoo(args.zoo)
+    loaders = zoo_loaders(zoo, args.heldout_size, args.batch_size, args.eval_batch_size, args.select_fraction,
+                          args.seed)
+    return zoo.make_model(), CheckpointPool(pool_paths or zoo.paths), loaders["learn"], loaders["select"], \
+        loaders["test"]
+
+
+def _arch_inputs(args: argparse.Namespace, pool_paths: list[Path], rank: int, world: int) -> tuple:
+    from . import realdata  # noqa: PLC0415  (torchvision, open_clip: only for --arch runs)
+    from .clip_models import TEXT_LEFTOVER_KEYS, build_model_soups_model, preprocess_config  # noqa: PLC0415
+
+    pool = CheckpointPool(pool_paths)
+    keep = any(k in pool.spec for k in TEXT_LEFTOVER_KEYS)  # unconverted model-soups files hold them
+    model = build_model_soups_model(args.num_classes or _NUM_CLASSES[args.data], args.arch,
+                                    keep_text_leftovers=keep)
+    transform = realdata.clip_transform(preprocess_config(model))
+    split_file = args.split_file or f"splits/{args.data}_heldout.json"
+    if rank == 0:  # rank 0 writes a missing split file before the others read it
+        splits = realdata.load_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            splits = realdata.load_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
+    learn = realdata.make_loader(splits.heldout, args.batch_size, shuffle=True, seed=args.seed,
+                                 num_workers=args.workers)
+    test = realdata.make_loader(splits.test, args.eval_batch_size, num_workers=args.workers)
+    return model, pool, learn, None, test
+
+
+def run(args: argparse.Namespace, options: dict[str, Any], device: str, rank: int, world: int,
+        command: Sequence[str] = ()) -> Path | None:
+    """Build the inputs, run ``make_soup`` on every rank, evaluate and save on rank 0; the output directory."""
+    pool_paths = expand_pool(args.pool, args.pool_list)
+    if args.zoo:
+        model, pool, learn, select, test = _zoo_inputs(args, pool_paths)
+    else:
+        model, pool, learn, select, test = _arch_inputs(args, pool_paths, rank, world)
+    options = {"progress": not args.no_progress, "seed": args.seed, "device": device,
+               "parallel": args.parallel if world > 1 else None, **options}
+    if select is not None and args.method in _LEARNED:
+        options["select_loader"] = select
+    result = make_soup(args.method, model, pool, learn, **options)
+    if rank != 0:
+        return None
+    if not args.no_eval and test is not None:
+        from .evaluation import evaluate  # noqa: PLC0415
+
+        result.stats["test_accuracy"] = evaluate(model, result, test, device)
+    result.stats["command"] = list(command)
+    out = result.save(args.out)
+    acc = result.stats.get("test_accuracy")
+    print(f"{args.method}: K={len(pool)}, {world} rank(s) ({args.parallel if world > 1 else 'single'}), "
+          f"{result.stats['seconds_total']:.1f} s" + (f", test accuracy {acc:.4f}" if acc is not None else "")
+          + f" -> {out}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status (0).
+
+    Argument errors exit with status 2 before anything is read. Inside an initialised process group (e.g.
+    a caller's own) it runs on that group and leaves it open.
+    """
+    p = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    if args.arch and not (args.pool or args.pool_list):
+        p.error("--arch needs --pool or --pool-list")
+    if args.arch and not (args.data and args.data_root):
+        p.error("--arch needs --data and --data-root")
+    options = _options(args, p)
+    owned = not (dist.is_available() and dist.is_initialized())  # a caller's process group stays open
+    device, rank, world = _init_distributed(args)
+    launcher = ["python"] if world == 1 else \
+        ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', world)}"]
+    try:
+        with warnings.catch_warnings():
+            if rank != 0:  # every rank runs the same checks: rank 0's warnings are everyone's
+                warnings.simplefilter("ignore")
+            run(args, options, device, rank, world, [*launcher, "-m", "soupkit", *argv])
+    except BaseException as err:
+        if world > 1:  # every rank's own line: the launcher shows which one failed first
+            print(f"soupkit: rank {rank}/{world} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    if world > 1 and owned:
+        dist.destroy_process_group()
+    return 0
+
+
+def entry() -> int:
+    """``python -m soupkit`` / the console script: :func:`main` with torchrun's error file (the failing rank's
+    traceback in the launcher's "Root Cause" report)."""
+    return record(main)()

@@ -1,0 +1,106 @@
+"""``python -m soupkit``: option parsing, pool lists, argument errors, and the ``--arch`` path end to end on a tiny
+stand-in for open_clip and the datasets (the zoo path under torchrun: ``test_distributed.py``)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import soupkit
+from soupkit import clip_models, realdata
+from soupkit.cli import expand_pool, main, parse_option
+from conftest import BNNet, finetunes, make_data
+
+
+def test_option_values_are_typed():
+    assert parse_option("model_batch_size=18") == ("model_batch_size", 18)
+    assert parse_option("lr=5e-3") == ("lr", 0.005)
+    assert parse_option("prefetch=True") == ("prefetch", True) and parse_option("recenter=false")[1] is False
+    assert parse_option("clip_grad_norm=none") == ("clip_grad_norm", None)
+    assert parse_option("layer_grouping=module") == ("layer_grouping", "module")
+    assert parse_option("dtype=bfloat16") == ("dtype", torch.bfloat16)
+    assert parse_option("run_dir=runs/a=b") == ("run_dir", "runs/a=b")
+    for bad in ("lr", "=3", "dtype=float17"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_option(bad)
+
+
+def test_pool_from_globs_and_a_list_file(tmp_path):
+    for name in ("b.pt", "a.pt", "c.safetensors"):
+        (tmp_path / name).touch()
+    (tmp_path / "sub").mkdir()
+    listed = tmp_path / "sub" / "pool.txt"
+    listed.write_text(f"# the pool\n../c.safetensors\n\n{tmp_path / 'a.pt'}  # absolute\n")
+    paths = expand_pool([str(tmp_path / "*.pt")], str(listed))
+    assert [p.name for p in paths] == ["a.pt", "b.pt", "c.safetensors", "a.pt"]
+    assert paths[2].resolve() == (tmp_path / "c.safetensors").resolve()
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_pool([str(tmp_path / "*.bin")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mehl+", "--out", "o", "--zoo", "z", "--option", "learning_rate=1"], "learning_rate"),
+    (["mehl+", "--out", "o", "--zoo", "z", "--option", "parallel=model"], "use --parallel"),
+    (["mehl+", "--out", "o", "--zoo", "z", "--option", "lr=-1"], "lr > 0"),
+    (["mehl+", "--out", "o", "--arch", "ViT-B-32"], "--pool"),
+    (["mehl+", "--out", "o", "--arch", "ViT-B-32", "--pool", "x.pt"], "--data"),
+    (["mehl+", "--out", "o"], "--zoo"),
+])
+def test_argument_errors_exit_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch, tmp_path):
+    """``--arch``'s builders replaced by BNNet and in-memory splits; the pool written as .pt files."""
+    x, y = make_data(n=200)
+    _, states = finetunes(BNNet, x, y, k=4)
+    for i, s in enumerate(states):
+        torch.save(s, tmp_path / f"model_{i}.pt")
+    built = {}
+
+    def build(num_classes, arch, *, keep_text_leftovers=False, **_):
+        built.update(num_classes=num_classes, arch=arch, keep=keep_text_leftovers)
+        return BNNet()
+
+    def splits(dataset, root, transform, split_file, *, seed=0, **_):
+        built.update(dataset=dataset, root=root, split_file=split_file)
+        part = lambda a, b: TensorDataset(x[a:b], y[a:b])  # noqa: E731
+        split = realdata.HeldoutSplit((), (), 0, "test", seed, "")
+        return realdata.DataSplits(part(0, 100), part(100, 160), part(160, 200), ("a", "b", "c"), split)
+
+    monkeypatch.setattr(clip_models, "build_model_soups_model", build)
+    monkeypatch.setattr(clip_models, "preprocess_config", lambda model: {})
+    monkeypatch.setattr(realdata, "clip_transform", lambda cfg, is_train=False: None)
+    monkeypatch.setattr(realdata, "load_splits", splits)
+    return tmp_path, built
+
+
+def test_arch_path_runs_a_soup_and_writes_the_result(tiny_arch):
+    directory, built = tiny_arch
+    out = directory / "out"
+    argv = ["hl+", "--arch", "tiny-arch", "--pool", str(directory / "model_*.pt"), "--data", "cifar10",
+            "--data-root", str(directory / "cifar"), "--workers", "0", "--batch-size", "20", "--no-progress",
+            "--option", "inner_iterations=6", "--option", "clip_grad_norm=1", "--out", str(out)]
+    assert main(argv) == 0
+    assert built == {"num_classes": 10, "arch": "tiny-arch", "keep": False, "dataset": "cifar10",
+                     "root": str(directory / "cifar"), "split_file": "splits/cifar10_heldout.json"}
+    result = soupkit.SoupResult.load(out)
+    assert result.coefficients.shape == (4, len(result.layer_names))
+    assert 0.0 <= result.stats["test_accuracy"] <= 1.0 and result.stats["inner_iterations"] == 6
+    assert result.stats["command"] == ["python", "-m", "soupkit", *argv]
+    assert json.loads((out / "result.json").read_text())["name"] == "hl+"
+
+
+def test_baselines_run_from_the_command_line_too(tiny_arch, capsys):
+    directory, _ = tiny_arch
+    main(["uniform", "--arch", "tiny-arch", "--pool", str(directory / "model_*.pt"), "--data", "cifar100",
+          "--data-root", "x", "--workers", "0", "--no-eval", "--out", str(directory / "uniform")])
+    assert "uniform: K=4, 1 rank(s)" in capsys.readouterr().out
+    result = soupkit.SoupResult.load(directory / "uniform")
+    assert torch.allclose(result.coefficients, torch.full((4,), 0.25)) and "test_accuracy" not in result.stats

@@ -25,6 +25,7 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --nbval notebooks
 
 reproduce: setup
 	$(BIN)/python -m soupkit.runner --preset $(PRESET) --out $(OUT)

@@ -198,6 +198,7 @@ class RunDir:
                    **{f"soup.{k}": v for k, v in state.soup.items()}}
         if stream["epoch_rng"] is not None:
             tensors["stream.epoch_rng"] = stream["epoch_rng"]
+        tensors.update({f"stream.loader_rng.{j}": g for j, g in enumerate(stream["loader_rng"])})
         meta = {"blocks_done": state.blocks_done, "manifest": self.digest, "examples_seen": stream["examples_seen"],
                 "position": stream["position"], "sq_norms": {i: sum(n.values()) for i, n in pool.sq_norms.items()}}
         return save_state_dict(tensors, self.path / _STATE, metadata={_META: json.dumps(meta)})
@@ -226,7 +227,9 @@ class RunDir:
                 raise ResumeError(f"{pool.names[int(i)]}: its weights are not those of the run being resumed "
                                   f"(squared norm {sum(now.values()):.6g}, was {saved:.6g})")
         batches.load_state_dict({"examples_seen": meta["examples_seen"], "position": meta["position"],
-                                 "epoch_rng": tensors.get("stream.epoch_rng")})
+                                 "epoch_rng": tensors.get("stream.epoch_rng"),
+                                 "loader_rng": [tensors[f"stream.loader_rng.{j}"] for j in range(len(
+                                     [k for k in tensors if k.startswith("stream.loader_rng.")]))]})
         torch.set_rng_state(tensors["rng"])
         soup = {k.removeprefix("soup."): v.to(device) for k, v in tensors.items() if k.startswith("soup.")}
         return RunState(meta["blocks_done"], tensors["weights"], tensors["var"], soup, tensors["history"].tolist())

@@ -63,6 +63,7 @@ class BatchStream:
         self._it: Iterator | None = None
         self._position = 0  # batches yielded in the current pass
         self._epoch_rng: Tensor | None = None  # global RNG at the pass's start: a shuffling sampler draws from it
+        self._gen_start: list[Tensor] = []
         if self.shard is not None and batch_size is None:
             split = shard_loader(loader, *self.shard)
             if split is not None:
@@ -86,8 +87,20 @@ class BatchStream:
         if n:
             yield torch.cat(xs), torch.cat(ys)
 
+    def _generators(self) -> list[torch.Generator]:
+        # private generators of the loader's samplers (e.g. a seeded RandomSampler) decide the order too
+        found: dict[int, torch.Generator] = {}
+        for root in (self.loader, self._source):
+            for obj in (root, getattr(root, "sampler", None), getattr(root, "batch_sampler", None)):
+                for holder in (obj, getattr(obj, "sampler", None)):
+                    g = getattr(holder, "generator", None)
+                    if isinstance(g, torch.Generator):
+                        found[id(g)] = g
+        return list(found.values())
+
     def _start_pass(self) -> None:
         self._epoch_rng, self._it, self._position = torch.get_rng_state(), self._epoch(), 0
+        self._gen_start = [g.get_state() for g in self._generators()]
 
     def next(self) -> tuple[Tensor, Tensor]:
         for _ in range(2):
@@ -118,9 +131,12 @@ class BatchStream:
         return x[:hi - lo], y[:hi - lo], total  # [:0] drops the stand-in row of an empty part
 
     def state_dict(self) -> dict:
-        """``{"examples_seen", "position"}`` (ints) and ``"epoch_rng"`` (global RNG at the pass's start, or None)."""
-        return {"examples_seen": self.examples_seen, "position": self._position if self._it is not None else 0,
-                "epoch_rng": self._epoch_rng if self._it is not None else None}
+        """``{"examples_seen", "position"}`` (ints), ``"epoch_rng"`` (global RNG at the pass's start, or None) and
+        ``"loader_rng"`` (states of the loader's own generators at the pass's start, or now between passes)."""
+        running = self._it is not None
+        return {"examples_seen": self.examples_seen, "position": self._position if running else 0,
+                "epoch_rng": self._epoch_rng if running else None,
+                "loader_rng": self._gen_start if running else [g.get_state() for g in self._generators()]}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Return to a position from :meth:`state_dict` by replaying the current pass up to it.
@@ -128,6 +144,11 @@ class BatchStream:
         Cost: re-reads at most one pass of the loader. The global RNG is left as it was before the call.
         """
         self.examples_seen, self._it, self._position = int(state["examples_seen"]), None, 0
+        saved = state.get("loader_rng") or []
+        generators = self._generators()
+        if len(saved) == len(generators):  # at the pass's start when one was running, else as they were
+            for g, g_state in zip(generators, saved):
+                g.set_state(g_state)
         if not state["position"]:
             return
         caller_rng = torch.get_rng_state()

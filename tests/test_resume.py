@@ -206,3 +206,23 @@ def test_other_methods_ignore_run_dir_with_a_warning(bn_setup, tmp_path):
 
 if __name__ == "__main__":
     _job(*sys.argv[1:])
+
+
+def test_resume_with_a_private_generator_loader_made_anew(bn_setup, tmp_path, monkeypatch):
+    # a restarted process builds its loader again from its seed: the sampler's own generator restarts too,
+    # so the run must put it back where it was (here past the first pass over the held-out data)
+    from soupkit.data import make_loader
+
+    base, states, _ = bn_setup
+    x, y = make_data()
+    fresh = lambda: make_loader(x, y, 48, shuffle=True, seed=3)  # noqa: E731
+    options = dict(model_batch_size=2, outer_iterations=5, inner_iterations=3, progress=False)
+    reference = make_soup("mehl+", base, states, fresh(), **options)
+    with monkeypatch.context() as patch:
+        _kill_after_saves(patch, 3)  # 9 steps of a 4-batch pass: in the third pass
+        with pytest.raises(Killed):
+            make_soup("mehl+", base, states, fresh(), run_dir=tmp_path, **options)
+    resumed = make_soup("mehl+", base, states, fresh(), run_dir=tmp_path, **options)
+    assert resumed.stats["resumed_from_block"] == 3
+    assert resumed.history == reference.history
+    assert torch.equal(resumed.coefficients, reference.coefficients)

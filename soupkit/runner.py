@@ -11,7 +11,8 @@ A preset is ``presets/<name>.yaml``::
       02_main_table: {heldout_size: 1000}
 
 Only parameters a notebook declares in its ``parameters`` cell are passed to it. Executed notebooks go to
-``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>`` and figures under ``figures/``.
+``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>``, and figures under ``figures/`` for
+the embedded preset (the committed ones) or ``<out>/figures/`` for any other.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     spec = load_preset(preset)
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    figures = ROOT / "figures" if Path(preset).stem == "embedded" else out / "figures"
     names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
     if only:
         unknown = sorted(set(only) - set(names))
@@ -89,6 +91,8 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
         # a path relative to the notebooks folder, so executed notebooks never carry this machine's paths
         params["out_dir"] = os.path.relpath(out, NOTEBOOK_DIR)
+        # the committed figures/ are those of the embedded default; other scales draw theirs under <out>
+        params["figures_dir"] = os.path.relpath(figures, NOTEBOOK_DIR)
         declared = _declared_parameters(source)
         params = {key: value for key, value in params.items() if key in declared}
         target = out / "notebooks" / f"{name}.ipynb"

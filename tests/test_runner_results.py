@@ -1,0 +1,74 @@
+"""The notebook runner's presets and execution, and the paper-style tables built from records."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from soupkit import runner
+from soupkit.experiment import soup_options
+from soupkit.results import append_jsonl, main_table, paper_table, ratio, read_jsonl, format_table, write_csv
+
+
+def test_presets_load_and_bad_ones_are_explained():
+    assert runner.load_preset("embedded")["common"]["num_models"] == 32
+    assert runner.load_preset("smoke")["notebooks"]["02_main_table"]["heldout_size"] < 1000
+    with pytest.raises(FileNotFoundError, match="known presets"):
+        runner.load_preset("nope")
+    with pytest.raises(ValueError, match="not a runner preset"):
+        runner.load_preset("paper")  # a block-per-experiment file, see presets/README.md
+
+
+def test_run_notebooks_passes_only_declared_parameters(tmp_path, monkeypatch):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("num_models = 1\nout_dir = 'x'\nfigures_dir = 'y'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("print(num_models * 10, out_dir.endswith('run'))")]
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "01_zoo.ipynb")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("common: {num_models: 3, unrelated: 1}\n")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path / "nbs")
+    timings = runner.run_notebooks(str(preset), tmp_path / "run")
+    assert [name for name, _ in timings] == ["01_zoo"]
+    executed = nbformat.read(tmp_path / "run" / "notebooks" / "01_zoo.ipynb", as_version=4)
+    assert executed.cells[-1].outputs[0]["text"].strip() == "30 True"
+
+
+def _records():
+    rows = []
+    for m, acc, sec, mem in [("best", .80, 1, 1), ("greedy", .82, 10, 2), ("learned+", .83, 40, 26e6),
+                             ("mehl+", .84, 8, 2e6), ("uniform", .79, 0, 0)]:
+        rows.append(dict(method=m, test_accuracy=acc, heldout_accuracy=acc + .01, seconds_per_epoch=sec / 5,
+                         epochs=5, seconds_total=sec, peak_memory_bytes=mem))
+    return rows
+
+
+def test_main_table_orders_methods_and_puts_the_paper_beside(tmp_path):
+    table = main_table(_records(), paper_table("table1_vitb32_imagenet"))
+    assert list(table["method"]) == ["best", "uniform", "greedy", "learned+", "mehl+"]  # the paper's order
+    row = table.set_index("method").loc["mehl+"]
+    assert row["test acc (%)"] == pytest.approx(84.0) and row["paper acc (%)"] == pytest.approx(81.62)
+    assert pd.isna(table.set_index("method").loc["best", "construction (s)"])  # "-" as in the paper
+    assert ratio(pd.DataFrame(_records()), "peak_memory_bytes") == pytest.approx(13.0)
+    shown = format_table(table, digits=2)
+    assert shown.loc[0, "s / epoch"] == "-"
+    write_csv(table, tmp_path / "t.csv")
+    assert pd.read_csv(tmp_path / "t.csv").shape == table.shape
+
+
+def test_jsonl_round_trip(tmp_path):
+    for r in _records():
+        append_jsonl(r, tmp_path / "r.jsonl")
+    assert read_jsonl(tmp_path / "r.jsonl") == json.loads(json.dumps(_records()))
+
+
+def test_soup_options_per_method():
+    assert soup_options("learned+", learned_lr=0.2)["lr"] == 0.2
+    mehl = soup_options("mehl+", hyperplane_lr=0.02, weight_decay=0.1, model_batch_size=4)
+    assert mehl == dict(lr=0.02, weight_decay=0.1, epochs=5.0, model_batch_size=4)
+    assert "model_batch_size" not in soup_options("hl", model_batch_size=4)
+    assert soup_options("greedy", ties="accept") == {"ties": "accept"}

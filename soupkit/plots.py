@@ -34,23 +34,21 @@ def plot_main_table(table: pd.DataFrame, title: str) -> plt.Figure:
     Methods with no construction (best, uniform, ensemble) appear in the accuracy panel only.
     """
     names = table["method"].map(DISPLAY)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = _colours(table["method"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     acc = table["test acc (%)"]
-    axes[0].barh(names, acc, color=_colours(table["method"]))
+    axes[0].barh(names, acc, color=colours)
     low = acc.min()
     axes[0].set_xlim(max(0.0, low - 2 * (acc.max() - low + 0.5)), min(100.0, acc.max() + 0.5))
     axes[0].set_xlabel("test accuracy (%)")
-    built = table.dropna(subset=["construction (s)"])
-    built_names = built["method"].map(DISPLAY)
-    axes[1].barh(built_names, built["construction (s)"], color=_colours(built["method"]))
+    # one row per method in every panel (NaN draws no bar), so the rows line up with the labels
+    axes[1].barh(names, table["construction (s)"], color=colours)
     axes[1].set_xlabel("soup construction time (s)")
-    axes[2].barh(built_names, built["peak memory (MB)"], color=_colours(built["method"]))
+    axes[2].barh(names, table["peak memory (MB)"], color=colours)
     axes[2].set_xlabel("measured peak memory (MB)")
+    axes[0].invert_yaxis()
     for ax in axes:
-        ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -1,0 +1,92 @@
+"""Smoke test of benchmarks/memory_time.py on a tiny open_clip ViT (width 32, 1 layer, 32 px), K = 2."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("soupkit_bench_memory_time", ROOT / "benchmarks" / "memory_time.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--device", "cpu", "--arch", "tiny", "--num-classes", "10", "--b", "2", "--inner-iterations", "2",
+        "--heldout", "4", "--batch", "2", "--step-batch", "2", "--step-warmup", "1", "--step-pairs", "2"]
+
+
+def test_in_process_run_writes_csv_summary_and_figure(bench, tmp_path):
+    summary = bench.main(TINY + ["--ks", "2", "--no-isolate", "--out", str(tmp_path)], log=lambda *a: None)
+    with open(summary["csv"]) as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        rows = list(reader)
+    assert sorted(r["method"] for r in rows) == sorted(bench.METHODS)
+    for r in rows:
+        assert r["status"] == "ok" and r["K"] == "2"
+        for col in ("peak_memory_bytes", "seconds_total", "seconds_per_epoch", "epochs", "num_parameters",
+                    "model_bytes", "start_rss_bytes"):
+            assert float(r[col]) > 0, (r["method"], col, r[col])
+        assert r["device"] == "cpu" and r["torch_version"] and r["device_name"]
+    assert next(r for r in rows if r["method"] == "mehl+")["model_batch_size"] == "2"
+    saved = json.loads((tmp_path / "summary_cpu.json").read_text())
+    assert saved["steps"]["mehl_step_seconds"] > 0 and saved["steps"]["plain_step_seconds"] > 0
+    assert set(saved["targets"]) == {"mehl_flat", "memory_ratio_K72", "step_ratio"}
+    assert saved["targets"]["memory_ratio_K72"]["result"] == "NOT MEASURED"  # one K: no line to extrapolate
+    assert (tmp_path / "benchmark_memory_vs_k_cpu.png").stat().st_size > 0
+    assert not (tmp_path / "ckpt_tiny_10").exists()  # checkpoints removed unless --keep-checkpoints
+
+
+def test_fresh_process_measurements(bench, tmp_path):
+    model = bench.build_model("tiny", 10)
+    paths = bench.make_checkpoints(model, 2, tmp_path / "ckpt")
+    assert bench.make_checkpoints(model, 2, tmp_path / "ckpt") == paths  # reused, same manifest
+    common = dict(arch="tiny", num_classes=10, device="cpu", b=2, inner_iterations=1, heldout_images=2,
+                  batch_size=2, seed=0)
+    with bench.Launcher(bench.MALLOC_ENV["live"]) as launcher:
+        rows = bench.run_sweep(paths, ["mehl+", "nonsense"], [2], cap_bytes=2**40, launcher=launcher, timeout=300,
+                               log=lambda *a: None, mehl_blocks=1, threads=1, **common)
+        again = bench.run_sweep(paths, ["learned+"], [2], cap_bytes=2**40, launcher=launcher, timeout=300,
+                                log=lambda *a: None, threads=1, **common)  # the template survived a failed run
+        third, err = launcher.run({"kind": "soup", "method": "hl+", "k": 2, "paths": [str(p) for p in paths],
+                                   "threads": 1, **common}, 300)
+        template = launcher.proc.pid
+    assert err == "" and third["status"] == "ok"
+    pids = {rows[0]["pid"], again[0]["pid"], third["pid"]}
+    assert len(pids) == 3 and template not in pids and os.getpid() not in pids  # a fresh process per run
+    row, failed = rows
+    assert row["status"] == "ok", row
+    assert row["peak_memory_bytes"] > 0 and row["seconds_per_epoch"] > 0 and row["outer_iterations"] == 1
+    assert row["malloc"].startswith("live") and row["memory_source"] and row["threads"] == 1
+    assert failed["status"].startswith("failed") and "nonsense" in failed["status"]
+    assert again[0]["status"] == "ok" and again[0]["method"] == "learned+" and again[0]["malloc"].startswith("live")
+    merged = bench.merge(rows[:1], [{**row, "seconds_per_epoch": 3.0, "peak_memory_bytes": 7}])
+    assert merged[0]["seconds_per_epoch"] == 3.0 and merged[0]["peak_memory_bytes"] == row["peak_memory_bytes"]
+    assert merged[0]["peak_memory_bytes_default_malloc"] == 7 and merged[0]["time_status"] == "ok"
+
+
+def test_fits_projection_and_targets(bench):
+    assert bench.linear_fit([(2, 3.0), (4, 5.0), (8, 9.0)]) == pytest.approx({"intercept": 1.0, "slope": 1.0})
+    assert bench.linear_fit([(2, 1.0)]) is None
+    assert bench._project([(2, 10), (4, 20)], 8) == 40
+    assert bench._project([(4, 10)], 8) == 20
+    rows = [{"method": m, "K": k, "status": "ok", "peak_memory_bytes": v, "seconds_per_epoch": 1.0}
+            for m, pts in {"learned+": [(8, 10), (16, 18)], "mehl+": [(8, 5), (16, 5)]}.items() for k, v in pts]
+    summary = bench.analyse(rows, {"step_ratio": 1.5, "ratio_of_medians": 1.5, "mehl_step_seconds": 1.5,
+                                   "plain_step_seconds": 1.0})
+    t = summary["targets"]
+    assert t["mehl_flat"]["result"] == "PASS"
+    assert t["memory_ratio_K72"]["value"] == pytest.approx((2 + 72) / 5)  # learned+: 2 + K
+    assert t["memory_ratio_K72"]["result"] == "PASS (extrapolated)" and "EXTRAPOLATED" in t["memory_ratio_K72"]["how"]
+    assert t["step_ratio"]["result"] == "MISS"

@@ -105,4 +105,6 @@ def format_table(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     for col in out.columns:
         if out[col].dtype.kind == "f":
             out[col] = out[col].round(digits if "acc" in col or "memory" in col else 1)
-    return out.fillna("-")
+        if out[col].isna().any():  # "-" as in the paper's tables; object dtype so no float column gets a str
+            out[col] = out[col].astype(object).where(out[col].notna(), "-")
+    return out

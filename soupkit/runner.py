@@ -1,7 +1,7 @@
 """Execute the paper's notebooks with papermill, in dependency order, at a preset scale.
 
     python -m soupkit.runner --preset embedded --out outputs          # what `make reproduce` runs
-    python -m soupkit.runner --preset smoke --out /tmp/smoke --only 02_main_table
+    python -m soupkit.runner --preset smoke --out outputs/smoke --only 02_main_table
 
 A preset is ``presets/<name>.yaml``::
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,18 @@ def _declared_parameters(path: Path) -> set[str]:
     import papermill  # noqa: PLC0415  (heavy import, only when running notebooks)
 
     return set(papermill.inspect_notebook(str(path)))
+
+
+def _commit_copy(executed: Path, source: Path) -> None:
+    """Copy an executed notebook over its source, without papermill's record of this machine's paths."""
+    import nbformat  # noqa: PLC0415
+
+    nb = nbformat.read(executed, as_version=4)
+    record = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if key in record:
+            record[key] = f"notebooks/{source.name}"
+    nbformat.write(nb, source)
 
 
 def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", only: Sequence[str] | None = None,
@@ -104,7 +115,7 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         timings.append((name, seconds))
         print(f"[{k}/{len(names)}] {name} done in {seconds:.0f} s", flush=True)
         if update_committed:
-            shutil.copyfile(target, source)
+            _commit_copy(target, source)
     total = sum(s for _, s in timings)
     print(f"all {len(timings)} notebooks done in {total:.0f} s; executed copies in {out / 'notebooks'}")
     return timings

@@ -36,6 +36,10 @@ def test_run_notebooks_passes_only_declared_parameters(tmp_path, monkeypatch):
     assert [name for name, _ in timings] == ["01_zoo"]
     executed = nbformat.read(tmp_path / "run" / "notebooks" / "01_zoo.ipynb", as_version=4)
     assert executed.cells[-1].outputs[0]["text"].strip() == "30 True"
+    runner.run_notebooks(str(preset), tmp_path / "run", update_committed=True)
+    committed = nbformat.read(tmp_path / "nbs" / "01_zoo.ipynb", as_version=4)
+    assert committed.cells[-1].outputs  # the source now carries the outputs ...
+    assert str(tmp_path) not in json.dumps(committed.metadata)  # ... but no path of this machine
 
 
 def _records():

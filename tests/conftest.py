@@ -37,6 +37,18 @@ class TiedNet(nn.Module):
         return self.head(h @ self.dec.weight)
 
 
+def save_files(states: list[dict], directory, fmt: str = "safetensors") -> list:
+    """Write each state dict to ``directory/m{i}.{fmt}`` (safetensors, or torch.save for pt/pth)."""
+    import soupkit  # noqa: PLC0415
+
+    paths = []
+    for i, s in enumerate(states):
+        path = directory / f"m{i}.{fmt}"
+        soupkit.save_state_dict(s, path) if fmt == "safetensors" else torch.save(s, path)
+        paths.append(path)
+    return paths
+
+
 def make_data(n: int = 160, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)

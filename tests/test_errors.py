@@ -13,7 +13,7 @@ import soupkit
 from soupkit import CheckpointPool, make_soup
 from soupkit.checks import basin_report, check_shared_basin
 from soupkit.errors import CheckpointError, DataError, DivergenceError, SharedBasinWarning, SoupkitError
-from conftest import BNNet, finetunes, make_data
+from conftest import BNNet, finetunes, make_data, save_files
 
 FAST = dict(progress=False, inner_iterations=4)
 
@@ -29,12 +29,7 @@ class CountingNet(BNNet):
 
 
 def _files(states, tmp_path, fmt="safetensors"):
-    paths = []
-    for i, s in enumerate(states):
-        path = tmp_path / f"m{i}.{fmt}"
-        soupkit.save_state_dict(s, path) if fmt == "safetensors" else torch.save(s, path)
-        paths.append(path)
-    return paths
+    return save_files(states, tmp_path, fmt)
 
 
 def _snapshot(directory):

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import soupkit
 from soupkit import CheckpointError, CheckpointPool
+from conftest import save_files
 
 EXAMPLES = int(os.environ.get("SOUPKIT_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -46,12 +47,7 @@ def state_dicts(draw) -> dict[str, torch.Tensor]:
 def _write(states: list[dict], fmt: str, directory: Path) -> list:
     if fmt == "dict":
         return states
-    paths = []
-    for i, s in enumerate(states):
-        path = directory / f"m{i}.{fmt}"
-        soupkit.save_state_dict(s, path) if fmt == "safetensors" else torch.save(s, path)
-        paths.append(path)
-    return paths
+    return save_files(states, directory, fmt)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -9,19 +9,11 @@ import torch
 
 import soupkit
 from soupkit import CheckpointError, CheckpointPool
-from conftest import BNNet
+from conftest import BNNet, save_files
 
 
 def _save_all(states, tmp_path, fmt):
-    paths = []
-    for i, s in enumerate(states):
-        p = tmp_path / f"m{i}.{fmt}"
-        if fmt == "safetensors":
-            soupkit.save_state_dict(s, p)
-        else:
-            torch.save(s, p)
-        paths.append(p)
-    return paths
+    return save_files(states, tmp_path, fmt)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "pth"])

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import load_split, load_splits, make_loader, to_tensor
+from .data import make_loader
 from .evaluation import evaluate
 from .io import atomic_write_json
 from .methods import METHODS, make_soup
@@ -77,15 +77,8 @@ def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
     """Loaders of a zoo's data: ``learn`` (shuffled held-out part for coefficients), ``select`` (held-out part
     for early stopping, or None), ``heldout`` and ``test`` (fixed order, for evaluation)."""
-    splits = load_splits(name=zoo.config.split_name)
-    channels = zoo.config.model.in_channels
-
-    def tensors(name: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = load_split(name, n, splits)
-        return to_tensor(images, channels), torch.from_numpy(labels)
-
-    hx, hy = tensors("heldout", heldout_size)
-    tx, ty = tensors("test", None)
+    hx, hy = zoo.tensors("heldout", heldout_size)
+    tx, ty = zoo.tensors("test", None)
     n_select = int(round(select_fraction * len(hy)))
     learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
     return {

@@ -161,6 +161,14 @@ class Zoo:
         """State dict of fine-tune ``index`` (CPU tensors)."""
         return load_file(self.paths[index])
 
+    def tensors(self, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images x [n, C, H, W] float32 and labels y [n] int64 of the zoo's task (CPU), for a split of the
+        zoo's split file (``finetune``, ``heldout``, ``test``...); n = a class-balanced prefix, None = all."""
+        splits = load_splits(name=self.config.split_name)
+        images, labels = load_animal_mnist()
+        idx = splits.subset(split, n)
+        return to_tensor(images[idx], self.config.model.in_channels), torch.from_numpy(labels[idx])
+
 
 # ---------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import make_loader
 from .evaluation import evaluate
 from .io import atomic_write_json
+from .memory import MemoryCap, MemoryCapExceeded
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
 from .zoo import Zoo, load_zoo
@@ -44,6 +46,9 @@ class RunSpec:
         heldout_size: images of the held-out split used (a class-balanced prefix); None = all.
         select_fraction: part of those held out for early stopping of learned soups (0 = none).
         options: keyword options of ``make_soup`` (scalars).
+        memory_cap_mb: stop the soup construction once it uses more than this many MB above the level at its
+            start (``memory.MemoryCap``); the record then says ``status: "did not fit"`` with no accuracy, as
+            the paper reports ">256GB". None: no cap. On CPU this needs the run on the main thread.
     """
 
     zoo_dir: str
@@ -57,6 +62,7 @@ class RunSpec:
     eval_batch_size: int = 500
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    memory_cap_mb: float | None = None
 
 
 def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float = 0.01,
@@ -108,9 +114,20 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     options = {"progress": progress, "seed": spec.seed, **spec.options}
     if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}:
         options["select_loader"] = loaders["select"]
-    result = make_soup(spec.method, model, pool, loaders["learn"], **options)
+    base = {k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")}
+    cap = MemoryCap(int(spec.memory_cap_mb * 2**20), options.get("device", "cpu")) if spec.memory_cap_mb \
+        else nullcontext()
+    try:
+        with cap:
+            result = make_soup(spec.method, model, pool, loaders["learn"], **options)
+    except MemoryCapExceeded as err:
+        record = {**base, "num_models": len(pool), "status": "did not fit", "test_accuracy": None,
+                  "heldout_accuracy": None, "peak_memory_bytes": err.seen_bytes, "note": str(err)}
+        atomic_write_json(spec.record, record)
+        return record
     record = {
-        **{k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")},
+        **base,
+        "status": "ok",
         "num_models": len(pool),
         "test_accuracy": evaluate(model, result, loaders["test"]),
         "heldout_accuracy": evaluate(model, result, loaders["heldout"]),

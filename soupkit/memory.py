@@ -7,13 +7,14 @@ available (non-Linux), a sampling thread records the largest RSS it sees every f
 """
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory", "current_rss_bytes"]
+__all__ = ["PeakMemory", "MemoryCap", "MemoryCapExceeded", "current_rss_bytes"]
 
 
 def _status_kib(field: str) -> int | None:
@@ -105,3 +106,88 @@ class PeakMemory:
     def __repr__(self) -> str:
         return f"PeakMemory(device={self.device}, peak_bytes={self.peak_bytes}, source={self.source!r})"
 
+
+
+class MemoryCapExceeded(MemoryError):
+    """A block of code needed more memory than its cap (the paper's ">256GB": the run did not fit)."""
+
+    def __init__(self, cap_bytes: int, seen_bytes: int, source: str) -> None:
+        super().__init__(f"needed more than the memory cap of {cap_bytes / 2**20:.1f} MB "
+                         f"(at least {seen_bytes / 2**20:.1f} MB, {source})")
+        self.cap_bytes, self.seen_bytes, self.source = cap_bytes, seen_bytes, source
+
+
+class MemoryCap:
+    """Context manager that stops the code inside it once it uses more than ``cap_bytes`` above the level at
+    entry, raising :class:`MemoryCapExceeded` -- what a machine with that much memory would do, without
+    touching the machine's real limit.
+
+    CUDA: the caching allocator's limit (``set_per_process_memory_fraction``), so the allocation that would
+    pass the cap raises out-of-memory inside the block. CPU: a watchdog thread reads the resident-set
+    high-water mark every ``poll_seconds`` and interrupts the main thread (``KeyboardInterrupt``, turned into
+    MemoryCapExceeded on exit) when it passes the cap; the block can overshoot by what it allocates within
+    one poll, and must run on the main thread.
+    """
+
+    def __init__(self, cap_bytes: int, device: str | torch.device = "cpu", poll_seconds: float = 0.002) -> None:
+        if cap_bytes <= 0:
+            raise ValueError(f"cap_bytes must be > 0, got {cap_bytes}")
+        self.cap_bytes = int(cap_bytes)
+        self.device = torch.device(device)
+        self.poll_seconds = poll_seconds
+        self.exceeded_at: int | None = None  # bytes above the entry level when the cap was passed
+        self._start = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._old_fraction: float | None = None
+
+    def __enter__(self) -> "MemoryCap":
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            self._start = torch.cuda.memory_allocated(index)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (self._start + self.cap_bytes) / total), index)
+            self._old_fraction = 1.0
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("MemoryCap on CPU interrupts the main thread; use it there")
+        self._start = current_rss_bytes()
+        _reset_high_water_mark()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _used(self) -> int:
+        peak = (_status_kib("VmHWM") or 0) * 1024
+        return max(peak, current_rss_bytes()) - self._start
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            used = self._used()
+            if used > self.cap_bytes:
+                self.exceeded_at = used
+                _thread.interrupt_main()
+                return
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
+                if self.exceeded_at is not None and not (exc_type and issubclass(exc_type, KeyboardInterrupt)):
+                    for _ in range(50):  # the block ended just as the cap was passed: let the interrupt land
+                        time.sleep(0.002)
+        except KeyboardInterrupt:
+            if self.exceeded_at is None:
+                raise
+            exc_type = KeyboardInterrupt
+        if self._old_fraction is not None:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(self._old_fraction, index)
+            if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                raise MemoryCapExceeded(self.cap_bytes, self.cap_bytes, "CUDA allocator limit") from None
+            return False
+        if self.exceeded_at is not None:
+            raise MemoryCapExceeded(self.cap_bytes, self.exceeded_at, "resident set, CPU") from None
+        return False

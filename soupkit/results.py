@@ -25,6 +25,7 @@ DISPLAY = {
     "learned+": "Learned-Soup+", "hl+": "HL-Soup+", "mehl+": "MEHL-Soup+", "ensemble": "Ensemble",
 }
 PAPER_DIR = Path(__file__).resolve().parents[1] / "data" / "paper"
+_PAPER_NOTES = {"cpu": "memory in CPU RAM", ">256": "did not fit (> 256 GB)"}
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -50,9 +51,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def paper_table(name: str, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """A table of the paper from ``data/paper/<name>.csv`` (e.g. ``"table1_vitb32_imagenet"``)."""
-    return pd.read_csv(Path(data_dir or PAPER_DIR) / f"{name}.csv")
+def paper_table(name: str, data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> pd.DataFrame:
+    """A table of the paper from ``data/paper/<name>.csv`` (e.g. ``"table1_vitb32_imagenet"``); ``dataset``
+    keeps the rows of one data set of a table with a ``dataset`` column (``"table2_vitl14"``: cifar10,
+    cifar100, imagenet)."""
+    table = pd.read_csv(Path(data_dir or PAPER_DIR) / f"{name}.csv")
+    if dataset is None:
+        return table
+    if "dataset" not in table.columns:
+        raise ValueError(f"paper table {name!r} has no dataset column")
+    if dataset not in set(table["dataset"]):
+        raise ValueError(f"paper table {name!r} has no rows for {dataset!r}; it has {sorted(set(table['dataset']))}")
+    return table[table["dataset"] == dataset].drop(columns="dataset").reset_index(drop=True)
 
 
 def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
@@ -65,12 +75,19 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
 
     Args:
         records: one per method with ``method``, ``test_accuracy``, ``heldout_accuracy`` (fractions),
-            ``seconds_per_epoch``, ``epochs``, ``seconds_total``, ``peak_memory_bytes``.
+            ``seconds_per_epoch``, ``epochs``, ``seconds_total``, ``peak_memory_bytes``; a record with
+            ``status: "did not fit"`` (a run stopped by its memory cap) has no accuracy.
         paper: the paper's table (``paper_table(...)``), or None.
     Returns:
-        one row per method in the paper's order; accuracies in %, memory in MB (ours) / GB (paper).
+        one row per method in the paper's order; accuracies in %, memory in MB (ours) / GB (paper); ``note``
+        says "did not fit (> cap MB)" for capped runs, ``paper note`` the paper's ">256" (GB) where it has one.
     """
     ours = pd.DataFrame(list(records)) if not isinstance(records, pd.DataFrame) else records.copy()
+    for col in ("seconds_per_epoch", "epochs", "seconds_total", "test_accuracy", "heldout_accuracy"):
+        if col not in ours.columns:
+            ours[col] = float("nan")
+    unfit = ours.get("status", pd.Series("ok", index=ours.index)).eq("did not fit")
+    caps = ours.get("memory_cap_mb", pd.Series(float("nan"), index=ours.index))
     table = pd.DataFrame({
         "method": ours["method"],
         "Method": ours["method"].map(DISPLAY),
@@ -80,15 +97,21 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
         "#epoch": ours["epochs"],
         "construction (s)": ours["seconds_total"],
         "peak memory (MB)": ours["peak_memory_bytes"] / 2**20,
+        "note": ["did not fit (> %g MB)" % cap if bad else "" for bad, cap in zip(unfit, caps)],
     })
+    for col in ("test acc (%)", "held-out acc (%)", "s / epoch", "#epoch", "construction (s)", "peak memory (MB)"):
+        table[col] = pd.to_numeric(table[col], errors="coerce").where(~unfit)
     no_construction = table["method"].isin(["best", "uniform", "ensemble"])  # the paper shows "-" for these
     table.loc[no_construction, ["s / epoch", "#epoch", "construction (s)", "peak memory (MB)"]] = float("nan")
     if paper is not None:
         p = paper.rename(columns={"test_accuracy": "paper acc (%)", "seconds_per_epoch": "paper s / epoch",
                                   "epochs": "paper #epoch", "seconds_total": "paper construction (s)",
-                                  "peak_memory_gb": "paper memory (GB)"})
+                                  "peak_memory_gb": "paper memory (GB)", "memory_note": "paper note"})
         keep = ["method", "paper acc (%)", "paper s / epoch", "paper #epoch", "paper construction (s)",
                 "paper memory (GB)"]
+        if "paper note" in p.columns:
+            p["paper note"] = p["paper note"].map(_PAPER_NOTES.get).fillna("")
+            keep.append("paper note")
         table = table.merge(p[keep], on="method", how="left")
     return _ordered(table)
 

@@ -1,0 +1,61 @@
+"""The memory cap that turns a run into "did not fit", as the paper's ">256GB" entries."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from soupkit.experiment import RunSpec, run_isolated, run_method
+from soupkit.memory import MemoryCap, MemoryCapExceeded
+from soupkit.models import ViTConfig
+from soupkit.results import main_table, paper_table
+from soupkit.zoo import ZooConfig, build_zoo
+
+
+def test_cap_stops_a_block_that_grows_past_it_and_spares_one_below():
+    kept = []
+    with pytest.raises(MemoryCapExceeded) as err:
+        with MemoryCap(40 * 2**20):
+            for _ in range(100):  # 8 MB a step: passes 40 MB after ~5 steps, long before the loop ends
+                kept.append(torch.ones(2 * 2**20))
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+    assert err.value.seen_bytes > 40 * 2**20 and len(kept) < 100
+    kept.clear()
+    with MemoryCap(200 * 2**20):
+        x = torch.ones(2**20)  # 4 MB under a 200 MB cap: nothing happens
+    assert x.sum() == 2**20
+    with pytest.raises(ValueError):
+        MemoryCap(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("capzoo")
+    config = ZooConfig(k=3, model=ViTConfig(width=16, layers=1, heads=2, output_dim=8), pretrain_epochs=1,
+                       lp_steps=5, epoch_choices=(1,), max_pretrain=100, max_finetune=100, max_eval=100)
+    return build_zoo(directory / "zoo", config, progress=False, num_threads=1)
+
+
+def test_a_capped_run_is_recorded_as_did_not_fit_and_shown_so(tiny_zoo, tmp_path):
+    # 1 KB: any learned soup needs more; uniform with no cap runs as usual
+    capped = RunSpec(str(tiny_zoo.out_dir), "learned+", str(tmp_path / "l.json"), heldout_size=100,
+                     memory_cap_mb=1 / 1024, options={"epochs": 1.0, "progress": False})
+    record = run_isolated(capped)
+    assert record["status"] == "did not fit" and record["test_accuracy"] is None
+    assert json.loads((tmp_path / "l.json").read_text())["status"] == "did not fit"
+    free = run_method(RunSpec(str(tiny_zoo.out_dir), "uniform", str(tmp_path / "u.json"), heldout_size=100))
+    assert free["status"] == "ok" and 0 <= free["test_accuracy"] <= 1
+    table = main_table([record, free], paper_table("table2_vitl14", dataset="cifar10")).set_index("method")
+    assert table.loc["learned+", "note"].startswith("did not fit (> 0.000976")
+    assert pd.isna(table.loc["learned+", "test acc (%)"]) and table.loc["uniform", "note"] == ""
+    assert table.loc["learned+", "paper note"] == "did not fit (> 256 GB)"
+
+
+def test_paper_table_filters_a_dataset():
+    assert set(paper_table("table2_vitl14", dataset="cifar100")["method"]) >= {"mehl+", "greedy"}
+    with pytest.raises(ValueError, match="no rows"):
+        paper_table("table2_vitl14", dataset="svhn")
+    with pytest.raises(ValueError, match="no dataset column"):
+        paper_table("table1_vitb32_imagenet", dataset="cifar10")

@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.soupkit-installed
 PRESET ?= embedded
 OUT ?= outputs
+# notebooks (and nbval checks) run side by side when their inputs are ready; 2 = the cores of the CI machine
+JOBS ?= 2
 # pip on some machines prints one warning per unreachable local index: hide only those lines
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
@@ -23,12 +25,18 @@ $(STAMP): requirements.txt requirements-data.txt requirements-test.txt constrain
 
 setup: $(STAMP)
 
+# nbval re-executes every notebook and compares its outputs with the committed ones, one group of notebooks
+# at a time (soupkit.runner --stages: each group needs only the groups before it), JOBS at once
 test: setup
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval notebooks
+	$(BIN)/python -m soupkit.runner --stages > $(VENV)/nbval-stages
+	while read -r group; do \
+	  OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval $$group < /dev/null || exit 1; \
+	done < $(VENV)/nbval-stages
 
 reproduce: setup
-	$(BIN)/python -m soupkit.runner --preset $(PRESET) --out $(OUT)
+	$(BIN)/python -m soupkit.runner --preset $(PRESET) --out $(OUT) --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) $(OUT)

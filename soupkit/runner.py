@@ -1,7 +1,8 @@
 """Execute the paper's notebooks with papermill, in dependency order, at a preset scale.
 
-    python -m soupkit.runner --preset embedded --out outputs          # what `make reproduce` runs
+    python -m soupkit.runner --preset embedded --out outputs --jobs 2  # what `make reproduce` runs
     python -m soupkit.runner --preset smoke --out outputs/smoke --only 02_main_table
+    python -m soupkit.runner --stages                                  # notebook groups that may run at once
 
 A preset is ``presets/<name>.yaml``::
 
@@ -13,19 +14,26 @@ A preset is ``presets/<name>.yaml``::
 Only parameters a notebook declares in its ``parameters`` cell are passed to it. Executed notebooks go to
 ``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>``, and figures under ``figures/`` for
 the embedded preset (the committed ones) or ``<out>/figures/`` for any other.
+
+With ``jobs > 1`` notebooks whose inputs are ready run side by side (``DEPENDS``: the zoo notebooks 01, 03 and
+09 need nothing, 05 reads 02's soups, the rest read 01's zoo), each kernel with ``cpu_count // jobs`` torch
+threads; results do not depend on it (zoos fix their own thread count). A failed notebook stops only the
+notebooks that depend on it; the others finish, and the runner then raises with every failure.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["NOTEBOOKS", "load_preset", "run_notebooks", "main"]
+__all__ = ["NOTEBOOKS", "DEPENDS", "stages", "load_preset", "run_notebooks", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -35,6 +43,24 @@ NOTEBOOKS = [
     "01_zoo", "02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
     "07_ablations", "08_heldout_size", "09_resnet",
 ]
+# what each notebook reads from another's outputs (all others build their own inputs)
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "02_main_table": ("01_zoo",), "04_top_models": ("01_zoo",), "05_coefficients": ("02_main_table",),
+    "06_finetuning_cost": ("01_zoo",), "07_ablations": ("01_zoo",), "08_heldout_size": ("01_zoo",),
+}
+
+
+def stages(names: Sequence[str] | None = None) -> list[list[str]]:
+    """``names`` (default: every notebook) in groups; each group needs only the groups before it."""
+    todo = list(names or NOTEBOOKS)
+    done: set[str] = set()
+    groups = []
+    while todo:
+        ready = [n for n in todo if all(d in done or d not in todo for d in DEPENDS.get(n, ()))]
+        groups.append(ready)
+        done |= set(ready)
+        todo = [n for n in todo if n not in done]
+    return groups
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
@@ -74,18 +100,24 @@ def _commit_copy(executed: Path, source: Path) -> None:
 
 
 def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", only: Sequence[str] | None = None,
-                  update_committed: bool = False, kernel: str = "python3") -> list[tuple[str, float]]:
-    """Execute the notebooks of ``preset`` in order; returns ``[(name, seconds)]``.
+                  update_committed: bool = False, kernel: str = "python3", jobs: int = 1) -> list[tuple[str, float]]:
+    """Execute the notebooks of ``preset`` in dependency order; returns ``[(name, seconds)]`` in finishing order.
 
     Args:
         preset: preset name or YAML path.
         out: output folder (CSV/JSON records, executed notebooks).
-        only: names of the notebooks to run (default: all that exist, in dependency order).
+        only: names of the notebooks to run (default: all that exist); their inputs from notebooks left out
+            must already be under ``out``.
         update_committed: copy each executed notebook back over ``notebooks/<name>.ipynb`` (to refresh the
             committed outputs that nbval checks).
+        jobs: notebooks run at once (each kernel then gets ``cpu_count // jobs`` torch threads).
+    Raises:
+        RuntimeError: naming every notebook that failed or was skipped because an input failed.
     """
     import papermill  # noqa: PLC0415
 
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = load_preset(preset)
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
@@ -96,8 +128,16 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         if unknown:
             raise ValueError(f"unknown notebook(s) {unknown}; available: {names}")
         names = [n for n in names if n in only]
-    timings = []
-    for k, name in enumerate(names, 1):
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    if jobs > 1:  # kernels inherit the environment: keep jobs x threads within the machine's cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            print(line, flush=True)
+
+    def execute(k: int, name: str) -> float:
         source = NOTEBOOK_DIR / f"{name}.ipynb"
         params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
         # a path relative to the notebooks folder, so executed notebooks never carry this machine's paths
@@ -107,17 +147,54 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         declared = _declared_parameters(source)
         params = {key: value for key, value in params.items() if key in declared}
         target = out / "notebooks" / f"{name}.ipynb"
-        print(f"[{k}/{len(names)}] {name} ({preset}) ...", flush=True)
+        say(f"[{k}/{len(names)}] {name} ({Path(preset).stem}) started")
         start = time.perf_counter()
         papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
                                    kernel_name=kernel, progress_bar=False)
         seconds = time.perf_counter() - start
-        timings.append((name, seconds))
-        print(f"[{k}/{len(names)}] {name} done in {seconds:.0f} s", flush=True)
+        say(f"[{k}/{len(names)}] {name} done in {seconds:.0f} s")
         if update_committed:
             _commit_copy(target, source)
-    total = sum(s for _, s in timings)
-    print(f"all {len(timings)} notebooks done in {total:.0f} s; executed copies in {out / 'notebooks'}")
+        return seconds
+
+    timings: list[tuple[str, float]] = []
+    failed: dict[str, str] = {}
+    pending = list(names)
+    running: dict[Future, str] = {}
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while pending or running:
+                for name in list(pending):
+                    deps = [d for d in DEPENDS.get(name, ()) if d in names]
+                    if any(d in failed for d in deps):
+                        failed[name] = f"skipped: its input {next(d for d in deps if d in failed)} failed"
+                        pending.remove(name)
+                    elif len(running) < jobs and all(d in dict(timings) for d in deps):
+                        running[pool.submit(execute, names.index(name) + 1, name)] = name
+                        pending.remove(name)
+                if not running:
+                    if pending:  # cannot happen with an acyclic DEPENDS; never spin
+                        raise RuntimeError(f"notebooks {pending} wait on inputs that never run")
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        timings.append((name, future.result()))
+                    except Exception as err:  # noqa: BLE001  (reported below, with every other failure)
+                        failed[name] = f"{type(err).__name__}: {str(err).strip()[-1500:]}"
+                        say(f"[{names.index(name) + 1}/{len(names)}] {name} FAILED (see {out / 'notebooks' / name}.ipynb)")
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        elif jobs > 1:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    wall = time.perf_counter() - started
+    print(f"{len(timings)} of {len(names)} notebooks done in {wall:.0f} s wall ({jobs} at a time); "
+          f"executed copies in {out / 'notebooks'}")
+    if failed:
+        raise RuntimeError("notebooks failed:\n" + "\n".join(f"- {n}: {why}" for n, why in failed.items()))
     return timings
 
 
@@ -129,8 +206,16 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     parser.add_argument("--update-committed", action="store_true",
                         help="copy executed notebooks back into notebooks/ (refreshes committed outputs)")
     parser.add_argument("--kernel", default="python3")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once when their inputs are ready")
+    parser.add_argument("--stages", action="store_true",
+                        help="print the notebooks, one line per group that may run at once, and exit")
     args = parser.parse_args(argv)
-    return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel)
+    if args.stages:
+        existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+        for group in stages(existing):
+            print(" ".join(f"notebooks/{n}.ipynb" for n in group))
+        return []
+    return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel, args.jobs)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,42 @@ def test_soup_options_per_method():
     assert mehl == dict(lr=0.02, weight_decay=0.1, epochs=5.0, model_batch_size=4)
     assert "model_batch_size" not in soup_options("hl", model_batch_size=4)
     assert soup_options("greedy", ties="accept") == {"ties": "accept"}
+
+
+def _notebook(path, code: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("out_dir = 'x'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)
+
+
+def test_parallel_runner_keeps_dependencies_and_isolates_failures(tmp_path, monkeypatch, capsys):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    # 01 writes a file 02 reads; 03 fails; 05 depends on 02 and succeeds; nothing depends on 03
+    _notebook(nbs / "01_zoo.ipynb", "import time, pathlib; time.sleep(1); pathlib.Path(out_dir, 'zoo.txt').write_text('z')")
+    _notebook(nbs / "02_main_table.ipynb", "import pathlib; assert pathlib.Path(out_dir, 'zoo.txt').read_text() == 'z'")
+    _notebook(nbs / "03_larger_model.ipynb", "raise ValueError('boom')")
+    _notebook(nbs / "05_coefficients.ipynb", "print('ok')")
+    (tmp_path / "p.yaml").write_text("common: {}\n")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbs)
+    with pytest.raises(RuntimeError, match="03_larger_model: PapermillExecutionError"):
+        runner.run_notebooks(str(tmp_path / "p.yaml"), tmp_path / "run", jobs=2)
+    log = capsys.readouterr().out
+    assert "02_main_table done" in log and "05_coefficients done" in log and "03_larger_model FAILED" in log
+    assert log.index("01_zoo done") < log.index("02_main_table (p) started") < log.index("05_coefficients (p) started")
+    # a failed input skips what reads it
+    _notebook(nbs / "01_zoo.ipynb", "raise ValueError('no zoo')")
+    with pytest.raises(RuntimeError, match="02_main_table: skipped: its input 01_zoo failed"):
+        runner.run_notebooks(str(tmp_path / "p.yaml"), tmp_path / "run2", jobs=2, only=["01_zoo", "02_main_table"])
+
+
+def test_stages_put_each_notebook_after_its_inputs():
+    groups = runner.stages()
+    position = {n: i for i, group in enumerate(groups) for n in group}
+    assert set(position) == set(runner.NOTEBOOKS)
+    for name, deps in runner.DEPENDS.items():
+        assert all(position[d] < position[name] for d in deps)
+    assert runner.stages(["02_main_table", "05_coefficients"]) == [["02_main_table"], ["05_coefficients"]]

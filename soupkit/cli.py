@@ -151,9 +151,9 @@ def _init_distributed(args: argparse.Namespace) -> tuple[str, int, int]:
 
 def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
     from .experiment import zoo_loaders  # noqa: PLC0415  (pandas, data files: only for zoo runs)
-    from .zoo import load_zoo  # noqa: PLC0415
+    from .sources import open_zoo  # noqa: PLC0415
 
-    zoo = load_zoo(args.zoo)
+    zoo = open_zoo(args.zoo)
     loaders = zoo_loaders(zoo, args.heldout_size, args.batch_size, args.eval_batch_size, args.select_fraction,
                           args.seed)
     return zoo.make_model(), CheckpointPool(pool_paths or zoo.paths), loaders["learn"], loaders["select"], \

@@ -29,7 +29,8 @@ from .io import atomic_write_json
 from .memory import MemoryCap, MemoryCapExceeded
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
-from .zoo import Zoo, load_zoo
+from .sources import open_zoo
+from .zoo import Zoo
 
 __all__ = ["RunSpec", "soup_options", "zoo_loaders", "zoo_table", "run_method", "run_isolated", "run_methods"]
 
@@ -39,7 +40,7 @@ class RunSpec:
     """One soup run on a zoo (all fields are JSON scalars, so a spec crosses process boundaries).
 
     Attributes:
-        zoo_dir: the zoo (``soupkit.zoo.build_zoo`` output).
+        zoo_dir: the zoo (``sources.prepare_zoo`` / ``soupkit.zoo.build_zoo`` output).
         method: a name of ``soupkit.METHODS``.
         record: JSON file the record is written to; ``save_dir`` (optional) receives the SoupResult.
         models: use only these zoo indices (e.g. to drop the top models); None = all.
@@ -49,6 +50,7 @@ class RunSpec:
         memory_cap_mb: stop the soup construction once it uses more than this many MB above the level at its
             start (``memory.MemoryCap``); the record then says ``status: "did not fit"`` with no accuracy, as
             the paper reports ">256GB". None: no cap. On CPU this needs the run on the main thread.
+        device: where the soup is built and evaluated (``"cpu"``, ``"cuda"``).
     """
 
     zoo_dir: str
@@ -63,6 +65,7 @@ class RunSpec:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     memory_cap_mb: float | None = None
+    device: str = "cpu"
 
 
 def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float = 0.01,
@@ -82,7 +85,10 @@ def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float 
 def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
     """Loaders of a zoo's data: ``learn`` (shuffled held-out part for coefficients), ``select`` (held-out part
-    for early stopping, or None), ``heldout`` and ``test`` (fixed order, for evaluation)."""
+    for early stopping, or None), ``heldout`` and ``test`` (fixed order, for evaluation). A zoo made elsewhere
+    (``sources.ExternalZoo``) brings its own."""
+    if hasattr(zoo, "loaders"):
+        return zoo.loaders(heldout_size, batch_size, eval_batch_size, select_fraction, seed)
     hx, hy = zoo.tensors("heldout", heldout_size)
     tx, ty = zoo.tensors("test", None)
     n_select = int(round(select_fraction * len(hy)))
@@ -105,13 +111,13 @@ def zoo_table(zoo: Zoo) -> pd.DataFrame:
 
 def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     """Run ``spec`` in this process; write and return its record (accuracies as fractions)."""
-    zoo = load_zoo(spec.zoo_dir)
+    zoo = open_zoo(spec.zoo_dir)
     indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
     pool = CheckpointPool([zoo.paths[i] for i in indices])
     model = zoo.make_model()
     loaders = zoo_loaders(zoo, spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction,
                           spec.seed)
-    options = {"progress": progress, "seed": spec.seed, **spec.options}
+    options = {"progress": progress, "seed": spec.seed, "device": spec.device, **spec.options}
     if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}:
         options["select_loader"] = loaders["select"]
     base = {k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")}
@@ -129,8 +135,8 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
         **base,
         "status": "ok",
         "num_models": len(pool),
-        "test_accuracy": evaluate(model, result, loaders["test"]),
-        "heldout_accuracy": evaluate(model, result, loaders["heldout"]),
+        "test_accuracy": evaluate(model, result, loaders["test"], spec.device),
+        "heldout_accuracy": evaluate(model, result, loaders["heldout"], spec.device),
         **{k: v for k, v in result.stats.items() if not isinstance(v, (list, dict))},
         "torch_threads": torch.get_num_threads(),
     }

@@ -239,16 +239,17 @@ def default_cap_bytes(device: str) -> int:
 # ---- (a) + (c): one soup, measured by the core ------------------------------------------------------------------
 def run_soup(method: str, k: int, paths: Sequence[str | Path], *, arch: str, num_classes: int, device: str,
              b: int, inner_iterations: int, heldout_images: int, batch_size: int, seed: int = 0,
-             outer_iterations: int | None = None) -> dict[str, Any]:
+             outer_iterations: int | None = None, soup_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``make_soup(method)`` on the first ``k`` checkpoints; one result row (call it in a fresh process).
 
-    ``outer_iterations`` (MEHL only) stops after that many blocks of b models instead of one pass over K.
+    ``outer_iterations`` (MEHL only) stops after that many blocks of b models instead of one pass over K;
+    ``soup_options`` are further ``make_soup`` options (``--soup-option``).
     """
     model = build_model(arch, num_classes, seed).to(device)
     pool = CheckpointPool([str(p) for p in paths[:k]])
     loader = heldout(heldout_images, batch_size, image_size(model), num_classes, seed)
     options: dict[str, Any] = {"device": device, "inner_iterations": inner_iterations, "progress": False,
-                               "seed": seed}
+                               "seed": seed, **(soup_options or {})}
     if method.startswith("mehl"):
         options["model_batch_size"] = b
         if outer_iterations:
@@ -275,8 +276,9 @@ def run_soup(method: str, k: int, paths: Sequence[str | Path], *, arch: str, num
 
 
 # ---- (b): MEHL-Soup+ inner step vs plain training step ----------------------------------------------------------
-def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: str):
-    """The HyperplaneSpace that ``make_soup("mehl+")`` builds for its first block (defaults: no recentring)."""
+def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: str, cfg: Any):
+    """The HyperplaneSpace that ``make_soup("mehl+")`` builds for its first block (no recentring; ``cfg``'s
+    clip, direction dtype and autocast)."""
     from soupkit.layers import layer_map  # noqa: PLC0415
     from soupkit.learn import HyperplaneSpace  # noqa: PLC0415
 
@@ -285,13 +287,16 @@ def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: s
     centre = pool.center(device, torch.float32)
     centre = {key: centre[key] for key in layers.forward_keys}
     soup = {key: v.clone() for key, v in centre.items()}
-    stack = pool.load_stack(list(range(b)), device, torch.float32, subtract=centre, keys=list(layers.mixed))
+    ddtype = getattr(cfg, "direction_dtype", None) or torch.float32
+    stack = pool.load_stack(list(range(b)), device, ddtype, subtract=centre, keys=list(layers.mixed))
     w0 = torch.zeros(b, len(layers), device=device)
-    return HyperplaneSpace(model, soup, stack, layers, w0, None, None), w0
+    extra = {"autocast": cfg.autocast_dtype} if getattr(cfg, "autocast", None) else {}
+    return HyperplaneSpace(model, soup, stack, layers, w0, None, cfg.clip_grad_norm, **extra), w0
 
 
 def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, device: str, b: int, batch_size: int,
-               warmup: int = 1, pairs: int = 6, seed: int = 0) -> dict[str, Any]:
+               warmup: int = 1, pairs: int = 6, seed: int = 0,
+               soup_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seconds of one MEHL-Soup+ inner step and of one plain training step, paired and alternating.
 
     MEHL step: ``soupkit.learn.optimise`` for one step over the b-model HyperplaneSpace that make_soup builds
@@ -307,8 +312,8 @@ def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, devi
     model = build_model(arch, num_classes, seed).to(device)
     x, y = heldout(batch_size, batch_size, image_size(model), num_classes, seed)[0]
     loader = [(x, y)]  # every step sees this one batch
-    space, w = _mehl_space(model, paths, b, device)
-    cfg = config_for("mehl+", device=device, progress=False)
+    cfg = config_for("mehl+", device=device, progress=False, **(soup_options or {}))
+    space, w = _mehl_space(model, paths, b, device, cfg)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
     plain_batches = BatchStream(loader, device)
@@ -781,6 +786,13 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
+def _soup_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value parsed as soupkit's CLI parses ``--option``."""
+    from soupkit.cli import parse_option  # noqa: PLC0415
+
+    return parse_option(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -807,6 +819,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "tensors) and time in separate ordinary runs; 'default' measures both in one ordinary run")
     p.add_argument("--noise", type=float, default=1e-3, help="fine-tune perturbation, times each tensor's std")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--soup-option", action="append", default=[], type=_soup_option, metavar="KEY=VALUE",
+                   help="a further make_soup option for every soup and the step timing, e.g. "
+                        "direction_dtype=bfloat16, autocast=bf16, clip_grad_norm=1 (repeatable)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker; 0 = torch's default. 1 is robust on a shared CPU")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
@@ -851,7 +866,7 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict[str, Any]:
 
     common = {"arch": args.arch, "num_classes": args.num_classes, "device": args.device, "b": args.b,
               "inner_iterations": args.inner_iterations, "heldout_images": args.heldout, "batch_size": args.batch,
-              "seed": args.seed}
+              "seed": args.seed, "soup_options": dict(args.soup_option)}
     steps, time_rows = None, None
     fork = not args.no_fork
     mem_env = MALLOC_ENV[args.malloc] if dev_type == "cpu" else {}
@@ -861,7 +876,8 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 task = {"paths": [str(p) for p in paths], "arch": args.arch, "num_classes": args.num_classes,
                         "device": args.device, "b": args.b, "batch_size": args.step_batch,
-                        "warmup": args.step_warmup, "pairs": args.step_pairs, "seed": args.seed}
+                        "warmup": args.step_warmup, "pairs": args.step_pairs, "seed": args.seed,
+                        "soup_options": dict(args.soup_option)}
                 if args.no_isolate:
                     steps, err = time_steps(**task), ""
                 else:

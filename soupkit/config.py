@@ -55,7 +55,17 @@ class SoupConfig:
         normalize_directions: divide each direction by its per-layer norm (released code's variant).
         recenter: use the current soup as the centre of each new block (released code's variant; the first
             block is centred on its own mean).
-        prefetch: read the next block of models on a background thread while the current one trains.
+        prefetch: read the next block of models on a background thread while the current one trains (on CUDA
+            staged in pinned host memory and copied in one non-blocking transfer).
+        direction_dtype: dtype the HL/MEHL directions are stored in (None: ``dtype``); ``torch.bfloat16`` or
+            ``torch.float16`` (or "bf16"/"fp16") halve the b resident directions, products accumulate in
+            float32. The directions θ_i − θ̄ are formed in ``dtype`` and rounded once; meant for decentralised
+            directions (with ``decentralize=False`` the models themselves would be rounded).
+        autocast: run the learned soups' forward passes under ``torch.autocast`` in "bf16" or "fp16" (None:
+            off); the soup, its gradient and the coefficients stay in ``dtype``. fp16 has no loss scaling.
+        sync_every: learned soups read the loss and check for NaN/Inf (and, on accelerators, label ranges)
+            every this many inner steps instead of every step (no per-step device sync); a divergence is
+            still reported with the step it started at. 1 = every step.
         ties: greedy soup's rule for a candidate with held-out accuracy equal to the soup's:
             ``"reject"`` (model-soups: strict improvement) or ``"accept"``.
         select_loader: optional held-out part used for early stopping: the coefficients with the best
@@ -91,6 +101,9 @@ class SoupConfig:
     normalize_directions: bool = False
     recenter: bool = False
     prefetch: bool = False
+    direction_dtype: Optional[torch.dtype] = None
+    autocast: Optional[str] = None
+    sync_every: int = 25
     ties: str = "reject"
     select_loader: Optional[Iterable] = None
     eval_every: int = 50
@@ -107,7 +120,15 @@ class SoupConfig:
             raise ValueError(f"warmup is a fraction in [0, 1), got {self.warmup}")
         if self.ties not in ("reject", "accept"):
             raise ValueError(f"ties must be 'reject' or 'accept', got {self.ties!r}")
-        for name in ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size", "eval_every"):
+        if isinstance(self.direction_dtype, str):
+            object.__setattr__(self, "direction_dtype", _dtype(self.direction_dtype, "direction_dtype"))
+        if self.direction_dtype is not None and not (isinstance(self.direction_dtype, torch.dtype)
+                                                     and self.direction_dtype.is_floating_point):
+            raise ValueError(f"direction_dtype must be a floating torch dtype, got {self.direction_dtype!r}")
+        if self.autocast not in (None, *_AUTOCAST):
+            raise ValueError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {self.autocast!r}")
+        for name in ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size", "eval_every",
+                     "sync_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -115,6 +136,23 @@ class SoupConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.parallel not in (None, "data", "model"):
             raise ValueError(f"parallel must be 'data', 'model' or None, got {self.parallel!r}")
+
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """``autocast`` as a torch dtype (None when off)."""
+        return _AUTOCAST[self.autocast] if self.autocast is not None else None
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str, option: str) -> torch.dtype:
+    """``"bf16"``, ``"fp16"`` or a torch dtype's name (``"bfloat16"``) as the dtype."""
+    found = _AUTOCAST.get(name.lower(), getattr(torch, name.lower(), None))
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"{option}={name!r} is not a torch dtype (bfloat16, float16, float32, ...)")
+    return found
 
 
 _LEARNED = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, logit_scale=True)

@@ -46,7 +46,7 @@ def learned_soup(model, pool, loader, cfg, layerwise: bool) -> SoupResult:
     steps = cfg.inner_iterations or math.ceil(cfg.epochs * batches.batches_per_epoch)
     models = [pool.load(i, cfg.device, cfg.dtype) for i in range(len(pool))]  # checks NaN/Inf of each
     basin = _check_basin(pool, models, cfg)
-    space = SimplexSpace(model, models, layers, cfg.logit_scale, cfg.clip_grad_norm, comm)
+    space = SimplexSpace(model, models, layers, cfg.logit_scale, cfg.clip_grad_norm, comm, autocast=cfg.autocast_dtype)
     history: list[float] = []
     with _bar(cfg, steps, name) as bar:
         w = optimise(space, space.w0, batches, steps, cfg, history, lambda loss: bar.update(1))
@@ -82,7 +82,9 @@ def hyperplane_soup(model, pool, loader, cfg, layerwise: bool, blockwise: bool) 
     """HL-Soup(+) (one block of all K models) and MEHL-Soup(+) (blocks of b models, block coordinate descent).
 
     Resident: the centre θ̄, the soup and the b directions of the current block (b + 2 models; 2b + 2
-    with ``prefetch``); with ``parallel="model"`` a rank holds its b/N directions only. With ``cfg.run_dir``
+    with ``prefetch``; the directions at half size with a 16-bit ``direction_dtype``); on CUDA the centre
+    stays in host memory, where the directions are formed as they are read, so the GPU holds b + 1 models.
+    With ``parallel="model"`` a rank holds its b/N directions only. With ``cfg.run_dir``
     the state is checkpointed after every block and resumed (in a process group rank 0 reads and writes
     it and hands the state it resumes from to the other ranks).
     """
@@ -155,6 +157,8 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
         weights = torch.full((k, n_layers), 1 / k)
     centre = {key: centre[key] for key in layers.forward_keys}  # aliases of tied tensors are re-added at the end
     soup = {key: v.clone() for key, v in centre.items()} if cfg.decentralize and not cfg.recenter else centre
+    if soup is not centre and torch.device(cfg.device).type != "cpu":
+        centre = {key: v.cpu() for key, v in centre.items()}  # only load_stack reads it: host memory is cheaper
     var = torch.zeros(k, n_layers) if cfg.decentralize else weights.clone()
     history: list[float] = []
     saved = _restore(run, pool, batches, cfg.device, comm) if cfg.run_dir is not None else None
@@ -162,26 +166,35 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
     if saved is not None:
         weights, var, soup, history = saved.weights, saved.var, saved.soup, saved.history
     pending = None
+    ddtype = cfg.direction_dtype or cfg.dtype
+    pinned = torch.device(cfg.device).type == "cuda"
     with _bar(cfg, steps * len(blocks), name) as bar:
         bar.update(steps * first)
         for t in range(first, len(blocks)):
             block = blocks[t]
-            subtract = None if not cfg.decentralize else (None if cfg.recenter else centre)
-            if pending is not None:
-                stack = pending.result()
+            # the directions: minus the fixed centre, or (recenter) minus the current soup, subtracted as they are
+            # read, except in a prefetched block, read before the soup reached its place
+            subtract = centre if cfg.decentralize and not cfg.recenter else None
+            fresh = pending is None
+            if fresh:
+                stack = pool.load_stack(_own(block, comm, split), cfg.device, ddtype,
+                                        subtract=soup if cfg.recenter else subtract, keys=keys)
             else:
-                stack = pool.load_stack(_own(block, comm, split), cfg.device, cfg.dtype, subtract=subtract, keys=keys)
+                stack = pending.result()
             if cfg.prefetch and t + 1 < len(blocks):
-                pending = pool.prefetch_stack(_own(blocks[t + 1], comm, split), device=cfg.device, dtype=cfg.dtype,
-                                              subtract=subtract, keys=keys)
-            if cfg.recenter:  # the current soup is the centre: subtract it now (it moved since the prefetch)
+                pending = pool.prefetch_stack(_own(blocks[t + 1], comm, split), device=cfg.device, dtype=ddtype,
+                                              subtract=subtract, keys=keys, pin_memory=pinned)
+            else:
+                pending = None
+            if cfg.recenter and not fresh:  # the current soup is the centre (it moved since the prefetch)
                 for key in keys:
                     stack[key].sub_(soup[key])
             scale = _inverse_norms(stack, soup, layers, len(block), comm if split else None) \
                 if cfg.normalize_directions else None
             w0 = torch.zeros(len(block), n_layers) if cfg.recenter else var[block]
             w0 = w0.to(cfg.device)
-            space = HyperplaneSpace(model, soup, stack, layers, w0, scale, cfg.clip_grad_norm, comm)
+            space = HyperplaneSpace(model, soup, stack, layers, w0, scale, cfg.clip_grad_norm, comm,
+                                    autocast=cfg.autocast_dtype)
             bar.set_postfix(block=f"{t + 1}/{len(blocks)}", b=len(block))
             try:
                 w = optimise(space, w0, batches, steps, cfg, history, lambda loss: bar.update(1))

@@ -11,7 +11,10 @@ and each model's values are checked for NaN/Inf the first time it is read (``che
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import directions
 from .checks import check_shared_basin, finite_sq_norms
 from .errors import CheckpointError
 
@@ -105,6 +109,62 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metada
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+class _SafetensorsReader:
+    """Reads single tensors of a ``.safetensors`` file with plain reads (no memory map: RSS grows by what is kept).
+
+    Format: an 8-byte little-endian header length, a JSON header ``{key: {dtype, shape, data_offsets}}``, then
+    the data; offsets are relative to the end of the header. Every header entry is checked against the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = open(path, "rb")  # noqa: SIM115  closed in __exit__
+        try:
+            size = os.fstat(self.fh.fileno()).st_size
+            n = int.from_bytes(self.fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(self.fh.read(n))
+            self.base = 8 + n
+            self.entries: dict[str, tuple[int, int]] = {}
+            self.spec: dict[str, TensorSpec] = {}
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise ValueError(f"key {key!r} has dtype {entry['dtype']}, which soupkit does not read")
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                if end - begin != nbytes or begin < 0 or self.base + end > size:
+                    raise ValueError(f"key {key!r}: offsets {begin}..{end} do not hold {list(shape)} {dtype}")
+                self.entries[key], self.spec[key] = (begin, nbytes), TensorSpec(shape, dtype)
+        except Exception as err:  # noqa: BLE001  an untrusted file failing to parse is the file's fault
+            self.fh.close()
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({type(err).__name__}: {err})") from err
+
+    def __enter__(self) -> "_SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+    def read_into(self, key: str, dest: Tensor) -> None:
+        """Fill the contiguous host tensor ``dest`` (the key's shape and dtype) with the key's bytes."""
+        begin, nbytes = self.entries[key]
+        view = dest.detach().reshape(-1).view(torch.uint8).numpy()
+        self.fh.seek(self.base + begin)
+        if self.fh.readinto(memoryview(view)) != nbytes:
+            raise CheckpointError(f"{self.path}: the data of key {key!r} is truncated")
+
+    def read(self, key: str) -> Tensor:
+        spec = self.spec[key]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        self.read_into(key, out)
+        return out
 
 
 class CheckpointPool:
@@ -265,26 +325,110 @@ class CheckpointPool:
 
     def load_stack(self, indices: Sequence[int], device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, subtract: Mapping[str, Tensor] | None = None,
-                   keys: Iterable[str] | None = None) -> StateDict:
+                   keys: Iterable[str] | None = None, *, pin_memory: bool = False) -> StateDict:
         """Models ``indices`` stacked per key: ``{key: Tensor[b, *shape]}``, optionally minus ``subtract[key]``.
 
-        Memory: b models for the stack plus the one model being read.
+        The floating keys are views of ONE ``[b, P]`` buffer (``directions.Stack``; its ``.flat``) when they share
+        a dtype. A file whose values were already checked (``check_values``, ``center``) is read one tensor at a
+        time straight into its row (safetensors: a plain read into the buffer, no memory map, no copy of the
+        whole model): memory b models. A model read for the first time (its NaN/Inf check needs all of it) or
+        an in-memory source: b models plus the one being read. ``subtract`` is applied where it lives: a centre
+        on the host is subtracted before the copy to ``device``, in its own precision before any cast to a lower
+        ``dtype``. ``pin_memory`` (CUDA only): rows are staged in pinned host memory and copied to the device in
+        one non-blocking transfer on a side stream, finished before this returns (for ``prefetch_stack``).
         """
         keys = list(self.spec if keys is None else keys)
-        stack = _Loaded()
-        for key in keys:
-            spec = self.spec[key]
-            stack[key] = torch.empty((len(indices), *spec.shape), device=device,
-                                     dtype=(dtype or self.cast_dtype or spec.dtype) if spec.dtype.is_floating_point else spec.dtype)
+        device = torch.device(device)
+        staged = pin_memory and device.type == "cuda"
+        target = {k: (dtype or self.cast_dtype or self.spec[k].dtype) if self.spec[k].dtype.is_floating_point
+                  else self.spec[k].dtype for k in keys}
+        host = torch.device("cpu") if staged else device
+        if keys and len(set(target.values())) == 1:
+            stack = directions.empty({k: self.spec[k].shape for k in keys}, len(indices), host,
+                                     next(iter(target.values())), pin_memory=staged)
+        else:
+            stack = directions.Stack({k: torch.empty((len(indices), *self.spec[k].shape), device=host, dtype=target[k])
+                                      for k in keys})
+            stack.spans = {}
         self._track(stack, len(indices))
+        wide = subtract is not None and dtype in (torch.float16, torch.bfloat16)
+        read_dtype = None if wide else dtype  # a low-precision stack: subtract in the centre's precision first
         for row, i in enumerate(indices):
-            state = self.load(i, device, dtype)  # not via a generator, which would keep the previous model alive
-            for key in keys:
-                stack[key][row].copy_(state[key])
-                if subtract is not None and key in subtract:
-                    stack[key][row].sub_(subtract[key])
-            del state
+            for key, value in self._rows(i, keys, read_dtype, {k: stack[k][row] for k in keys}):
+                dest = stack[key][row]
+                sub = subtract.get(key) if subtract is not None and dest.is_floating_point() else None
+                if value is None:  # read straight into dest (same dtype, on the host)
+                    if sub is not None:
+                        dest.sub_(sub.to(dest.device))
+                    continue
+                if sub is not None and (sub.device == value.device or dest.dtype != sub.dtype):
+                    value = value.to(device=sub.device, dtype=sub.dtype) - sub  # in the centre's precision
+                    sub = None
+                dest.copy_(value)
+                if sub is not None:
+                    dest.sub_(sub)
+        if staged:
+            stack = self._to_device(stack, device)
+            self._track(stack, len(indices))
         return stack
+
+    def _rows(self, i: int, keys: list[str], dtype: torch.dtype | None, dests: Mapping[str, Tensor]):
+        """``(key, tensor)`` of model ``i`` for ``load_stack``, one tensor at a time where that is possible.
+
+        A file whose values are known to be finite is read key by key; a safetensors tensor of the dtype asked
+        for is read straight into ``dests[key]`` when that is a contiguous host tensor, and ``None`` is yielded.
+        """
+        source = self.sources[i]
+        known = not self.check_finite or self._value_key(i, dtype) in self._checked or i in self.sq_norms
+        if isinstance(source, Mapping) or not known:  # in memory (no copy is made), or its first read
+            where = next(iter(source.values())).device if isinstance(source, Mapping) and source else "cpu"
+            state = self.load(i, where, dtype)
+            for key in keys:
+                yield key, state[key]
+            del state
+            return
+        path = Path(source)
+        if path.suffix != ".safetensors" or sys.byteorder != "little":
+            raw = load_state_dict(path)  # zip .pt files are memory-mapped: a key is read when it is copied
+            self._check_spec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in raw.items()}, self.names[i],
+                             f"the first checkpoint ({self.names[0]})")
+            for key in keys:
+                yield key, self._cast(raw[key], "cpu", dtype)
+            del raw
+            return
+        with _SafetensorsReader(path) as reader:
+            self._check_spec(reader.spec, self.names[i], f"the first checkpoint ({self.names[0]})")
+            for key in keys:
+                want = self._cast_dtype(key, dtype)
+                dest = dests[key]
+                if (reader.spec[key].dtype == want == dest.dtype and dest.device.type == "cpu"
+                        and dest.is_contiguous()):
+                    reader.read_into(key, dest)
+                    yield key, None
+                else:
+                    yield key, self._cast(reader.read(key), "cpu", dtype)
+
+    def _cast_dtype(self, key: str, dtype: torch.dtype | None) -> torch.dtype:
+        spec = self.spec[key]
+        return (dtype or self.cast_dtype or spec.dtype) if spec.dtype.is_floating_point else spec.dtype
+
+    @staticmethod
+    def _to_device(stack: "directions.Stack", device: torch.device) -> "directions.Stack":
+        """A pinned host stack on ``device``: one non-blocking copy on a side stream, waited for here."""
+        side = torch.cuda.Stream(device=device)
+        if stack.flat is not None:
+            out = directions.empty({k: tuple(v.shape[1:]) for k, v in stack.items()}, stack.flat.shape[0], device,
+                                   stack.flat.dtype)
+            with torch.cuda.stream(side):
+                out.flat.copy_(stack.flat, non_blocking=True)
+        else:
+            out = directions.Stack({k: torch.empty_like(v, device=device) for k, v in stack.items()})
+            out.spans = {}
+            with torch.cuda.stream(side):
+                for k, v in stack.items():
+                    out[k].copy_(v, non_blocking=True)
+        side.synchronize()  # the pinned staging buffer may be freed and the stack used on any stream
+        return out
 
     def prefetch_stack(self, indices: Sequence[int], **kwargs) -> "Future[StateDict]":
         """``load_stack`` on a background thread; ``.result()`` gives the stack."""

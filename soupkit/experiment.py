@@ -32,7 +32,8 @@ from .pool import CheckpointPool
 from .sources import open_zoo
 from .zoo import Zoo
 
-__all__ = ["RunSpec", "soup_options", "zoo_loaders", "zoo_table", "run_method", "run_isolated", "run_methods"]
+__all__ = ["RunSpec", "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated",
+           "run_methods"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,27 @@ def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128
 
 def zoo_table(zoo: Zoo) -> pd.DataFrame:
     """One row per fine-tune: index, hyper-parameters, held-out/test accuracy (fractions), fine-tune seconds."""
-    rows = [{"index": r["index"], **r["hparams"], "heldout_acc": r["heldout_acc"], "test_acc": r["test_acc"],
-             "finetune_seconds": r["finetune_seconds"]} for r in zoo.records]
+    rows = [{"index": r["index"], **(r.get("hparams") or {}), "heldout_acc": r["heldout_acc"],
+             "test_acc": r["test_acc"], "finetune_seconds": r.get("finetune_seconds")} for r in zoo.records]
     return pd.DataFrame(rows)
+
+
+def zoo_regime(zoo: Any, uniform_test_accuracy: float) -> pd.Series:
+    """Test accuracy (%) of the zoo's landmarks: linear probe (embedded zoos), worst / mean / best individual,
+    the "best" baseline (best by held-out accuracy) and the uniform soup -- is the zoo in the paper's regime?"""
+    models = zoo_table(zoo)
+    rows = {}
+    info = getattr(zoo, "info", None)
+    if info:
+        rows["linear probe (start of every fine-tune)"] = info["backbone"]["lp_test_acc"]
+    rows.update({
+        "worst individual": models.test_acc.min(),
+        "mean individual": models.test_acc.mean(),
+        "best individual (by test)": models.test_acc.max(),
+        "best individual (by held-out, the 'best' baseline)": models.test_acc[models.heldout_acc.idxmax()],
+        "uniform soup": uniform_test_accuracy,
+    })
+    return pd.Series(rows, name="test accuracy (%)").mul(100).round(2)
 
 
 def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .results import DISPLAY
 
-__all__ = ["save_figure", "plot_main_table"]
+__all__ = ["save_figure", "plot_main_table", "plot_zoo_accuracies"]
 
 _LEARNED = {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}
 
@@ -51,4 +51,20 @@ def plot_main_table(table: pd.DataFrame, title: str) -> plt.Figure:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_zoo_accuracies(models: pd.DataFrame, uniform_test_accuracy: float, title: str,
+                        probe_test_accuracy: float | None = None) -> plt.Figure:
+    """Histogram of the fine-tunes' test accuracy (``experiment.zoo_table``, fractions) with the uniform soup
+    and, for embedded zoos, the linear probe every fine-tune started from."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(100 * models.test_acc, bins=16, color="tab:gray", label="individual fine-tunes")
+    ax.axvline(100 * uniform_test_accuracy, color="tab:blue", label="uniform soup")
+    if probe_test_accuracy is not None:
+        ax.axvline(100 * probe_test_accuracy, color="tab:green", ls="--", label="linear probe")
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel("models")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
     return fig

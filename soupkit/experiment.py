@@ -145,9 +145,11 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     try:
         with cap:
             result = make_soup(spec.method, model, pool, loaders["learn"], **options)
-    except MemoryCapExceeded as err:
+    except (MemoryCapExceeded, torch.OutOfMemoryError) as err:
+        # a run the machine (or the cap standing for a smaller one) cannot hold is a result, as the paper's ">256GB"
+        seen = err.seen_bytes if isinstance(err, MemoryCapExceeded) else None
         record = {**base, "num_models": len(pool), "status": "did not fit", "test_accuracy": None,
-                  "heldout_accuracy": None, "peak_memory_bytes": err.seen_bytes, "note": str(err)}
+                  "heldout_accuracy": None, "peak_memory_bytes": seen, "note": str(err).splitlines()[0]}
         atomic_write_json(spec.record, record)
         return record
     record = {

@@ -97,7 +97,8 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
         "#epoch": ours["epochs"],
         "construction (s)": ours["seconds_total"],
         "peak memory (MB)": ours["peak_memory_bytes"] / 2**20,
-        "note": ["did not fit (> %g MB)" % cap if bad else "" for bad, cap in zip(unfit, caps)],
+        "note": [("did not fit (> %g MB)" % cap if pd.notna(cap) else "did not fit (out of memory)") if bad else ""
+                 for bad, cap in zip(unfit, caps)],
     })
     for col in ("test acc (%)", "held-out acc (%)", "s / epoch", "#epoch", "construction (s)", "peak memory (MB)"):
         table[col] = pd.to_numeric(table[col], errors="coerce").where(~unfit)

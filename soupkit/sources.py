@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .io import atomic_write_json, atomic_write_text
 
-__all__ = ["SOURCES", "SourceSpec", "ExternalZoo", "prepare_zoo", "open_zoo"]
+__all__ = ["SOURCES", "SourceSpec", "ExternalZoo", "prepare_zoo", "open_zoo", "describe_zoo"]
 
 SOURCES = ("embedded", "model-soups", "sweep")
 SOURCE_FILE = "source.json"
@@ -237,3 +237,14 @@ def open_zoo(out_dir: str | os.PathLike) -> Any:
     if missing:
         raise FileNotFoundError(f"{out}: models {missing[:5]}... not evaluated yet; run prepare_zoo (notebook 01) again")
     return ExternalZoo(out, spec, tuple(records[i] for i in range(spec.num_models)))
+
+
+def describe_zoo(zoo: Any) -> str:
+    """A figure-title phrase naming the zoo and its scale, e.g. "embedded zoo: 32 ViT fine-tunes on Animal-MNIST"."""
+    k = len(zoo.records)
+    if isinstance(zoo, ExternalZoo):
+        return f"{zoo.spec.kind} zoo: {k} {zoo.spec.arch} fine-tunes on {zoo.spec.dataset}"
+    config = zoo.config
+    arch = getattr(config.model, "arch", "vit")
+    task = getattr(config, "task", "animal_mnist").replace("animal_mnist", "Animal-MNIST").replace("_", " ")
+    return f"embedded zoo: {k} {'ResNet' if arch == 'resnet' else 'ViT'} fine-tunes on {task}"

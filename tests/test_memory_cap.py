@@ -59,3 +59,15 @@ def test_paper_table_filters_a_dataset():
         paper_table("table2_vitl14", dataset="svhn")
     with pytest.raises(ValueError, match="no dataset column"):
         paper_table("table1_vitb32_imagenet", dataset="cifar10")
+
+
+def test_out_of_memory_without_a_cap_is_also_did_not_fit(tiny_zoo, tmp_path, monkeypatch):
+    import soupkit.experiment as experiment
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(experiment, "make_soup", oom)
+    record = run_method(RunSpec(str(tiny_zoo.out_dir), "learned+", str(tmp_path / "l.json"), heldout_size=100))
+    assert record["status"] == "did not fit" and record["note"].startswith("CUDA out of memory")
+    assert main_table([record]).loc[0, "note"] == "did not fit (out of memory)"

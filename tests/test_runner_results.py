@@ -12,13 +12,27 @@ from soupkit.experiment import soup_options
 from soupkit.results import append_jsonl, main_table, paper_table, ratio, read_jsonl, format_table, write_csv
 
 
-def test_presets_load_and_bad_ones_are_explained():
+def test_presets_load_and_bad_ones_are_explained(tmp_path):
     assert runner.load_preset("embedded")["common"]["num_models"] == 32
     assert runner.load_preset("smoke")["notebooks"]["02_main_table"]["heldout_size"] < 1000
     with pytest.raises(FileNotFoundError, match="known presets"):
         runner.load_preset("nope")
+    (tmp_path / "blocks.yaml").write_text("mehl_plus: {lr: 0.01}\n")
     with pytest.raises(ValueError, match="not a runner preset"):
-        runner.load_preset("paper")  # a block-per-experiment file, see presets/README.md
+        runner.load_preset(str(tmp_path / "blocks.yaml"))
+
+
+@pytest.mark.parametrize("name", ["smoke", "embedded", "paper"])
+def test_every_preset_parameter_is_declared_by_its_notebook(name):
+    import papermill
+
+    preset = runner.load_preset(name)
+    declared = {n: set(papermill.inspect_notebook(str(runner.NOTEBOOK_DIR / f"{n}.ipynb"))) for n in runner.NOTEBOOKS}
+    for notebook, params in preset["notebooks"].items():
+        assert notebook in declared, f"{name}: unknown notebook {notebook}"
+        assert set(params or {}) <= declared[notebook], (name, notebook, set(params) - declared[notebook])
+    for key in preset["common"]:  # a common key no notebook declares would be silently dropped
+        assert any(key in d for d in declared.values()), (name, key)
 
 
 def test_run_notebooks_passes_only_declared_parameters(tmp_path, monkeypatch):

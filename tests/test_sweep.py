@@ -96,19 +96,14 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(0, 1, 500) == 1.0  # warm-up longer than the run is capped
 
 
-GENERIC = {"zoo", "checkpoint_dir", "dataset", "data_root", "num_models", "model_batch_size", "device",
-           "batch_size", "lr", "weight_decay", "epochs", "out_dir"}
 
-
-def test_paper_presets_parse_with_generic_names():
-    presets = yaml.safe_load(PRESETS.read_text())
-    assert "mehl_plus_vitb32_imagenet" in presets
-    for name, params in presets.items():
-        assert GENERIC <= set(params), (name, GENERIC - set(params))
-        assert not any(str(v).startswith("/") for v in params.values()), name  # no absolute paths
-        assert params["model_batch_size"] <= params["num_models"]
-    mehl = presets["mehl_plus_vitb32_imagenet"]
-    assert (mehl["num_models"], mehl["model_batch_size"], mehl["lr"], mehl["batch_size"]) == (72, 18, 0.01, 128)
+def test_paper_preset_has_the_papers_settings():
+    preset = yaml.safe_load(PRESETS.read_text())
+    common, nbs = preset["common"], preset["notebooks"]
+    assert (common["num_models"], common["model_batch_size"], common["batch_size"], common["epochs"]) == (72, 18, 128, 5.0)
+    assert nbs["01_zoo"]["zoo_source"] == "model-soups" and nbs["04_top_models"]["eliminate"] == "0,2,22,42"
+    every = [common, *nbs.values()]
+    assert not any(str(v).startswith("/") for params in every for v in (params or {}).values())  # no absolute paths
 
 
 def test_pretrained_file_is_the_start_of_every_model(setup):

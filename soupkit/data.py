@@ -249,3 +249,74 @@ def augment(x: torch.Tensor, strength: float, generator: torch.Generator) -> tor
     # Pad with the normalised value of a black pixel, not 0, so borders look like background.
     background = -PIXEL_MEAN / PIXEL_STD
     return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+# A harder task on the same images and split file, the CIFAR-100 to Animal-MNIST's CIFAR-10: every image
+# gets one fixed corruption drawn from a seeded generator (rotation, an occluding square, pixel noise).
+TASKS: tuple[str, ...] = ("animal_mnist", "animal_mnist_corrupted")
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """Strength of the fixed per-image corruption (all draws from ``numpy.random.default_rng(seed)``)."""
+
+    seed: int = 0
+    max_degrees: float = 30.0   # rotation, uniform in +-max_degrees
+    occlusion: int = 8          # side of a square set to a random grey level, at a uniform position
+    noise_std: float = 40.0     # Gaussian pixel noise (0-255 scale), then clipped and rounded
+
+
+def corrupt_images(images: np.ndarray, corruption: Corruption = Corruption(), chunk: int = 500) -> np.ndarray:
+    """Deterministically corrupted copy of uint8 images [N, H, W] (same N, H, W, uint8).
+
+    Image i's corruption depends only on (seed, i), so a split reads the same corrupted images whatever
+    else is loaded.
+    """
+    n, h, w = images.shape
+    rng = np.random.default_rng(corruption.seed)
+    angle = torch.from_numpy(rng.uniform(-1, 1, n) * np.deg2rad(corruption.max_degrees)).float()
+    corner = rng.integers(0, [h - corruption.occlusion + 1, w - corruption.occlusion + 1], size=(n, 2))
+    grey = rng.uniform(0, 255, n).astype(np.float32)
+    out = np.empty((n, h, w), dtype=np.uint8)
+    # In chunks: large temporaries would stay resident after this returns (allocator caches) and hide the
+    # memory that a soup method allocates later from the peak-memory measurement of its process.
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        noise = rng.standard_normal((stop - start, h, w), dtype=np.float32) * np.float32(corruption.noise_std)
+        out[start:stop] = _corrupt_chunk(images[start:stop], angle[start:stop], corner[start:stop],
+                                         grey[start:stop], noise, corruption.occlusion)
+    return out
+
+
+def _corrupt_chunk(images: np.ndarray, angle: torch.Tensor, corner: np.ndarray, grey: np.ndarray,
+                   noise: np.ndarray, s: int) -> np.ndarray:
+    """Rotate uint8 images [n, H, W] by ``angle`` [n] (radians), paint an s x s square of ``grey`` [n] at
+    ``corner`` [n, 2], add ``noise`` [n, H, W]; returns uint8 [n, H, W]."""
+    n, h, w = images.shape
+    # The sampling grid of a rotation about the centre, in grid_sample's [-1, 1] coordinates.
+    ys, xs = torch.meshgrid((torch.arange(h) * 2 + 1) / h - 1, (torch.arange(w) * 2 + 1) / w - 1, indexing="ij")
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    grid = torch.stack([cos * xs - sin * ys, sin * xs + cos * ys], dim=-1)  # [n, H, W, 2]
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)  # [n, 1, H, W]
+    out = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros").squeeze(1).numpy()
+    rows = (np.arange(h)[None, :] >= corner[:, :1]) & (np.arange(h)[None, :] < corner[:, :1] + s)  # [n, H]
+    cols = (np.arange(w)[None, :] >= corner[:, 1:]) & (np.arange(w)[None, :] < corner[:, 1:] + s)  # [n, W]
+    out = np.where(rows[:, :, None] & cols[:, None, :], grey[:, None, None], out)
+    return np.clip(np.rint(out + noise), 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=4)
+def load_task(name: str = "animal_mnist") -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [10000, 28, 28] and labels int64 [10000] of a task of ``TASKS`` (read-only arrays).
+
+    Every task has the Animal-MNIST labels and indices, so the split file applies unchanged.
+    """
+    images, labels = load_animal_mnist()
+    if name == "animal_mnist":
+        return images, labels
+    if name != "animal_mnist_corrupted":
+        raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+    corrupted = corrupt_images(images)
+    corrupted.setflags(write=False)
+    return corrupted, labels

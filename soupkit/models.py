@@ -1,4 +1,4 @@
-"""The small CLIP-style image classifier every zoo member shares: open_clip ViT backbone + linear head.
+"""The small CLIP-style image classifiers of the zoos: an open_clip ViT or ResNet backbone + linear head.
 
 It mirrors the model-soups wrapper at small scale: image features are L2-normalised before a linear
 classification head, and parameter names are ``backbone.*``, ``head.weight``, ``head.bias``, so a
@@ -7,8 +7,10 @@ state dict of one zoo member can be averaged or interpolated with any other tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from soupkit._compat import import_open_clip
@@ -70,6 +72,75 @@ def build_vit_classifier(cfg: ViTConfig = ViTConfig()) -> ViTClassifier:
         module mapping x [B, cfg.in_channels, cfg.image_size, cfg.image_size] -> logits [B, cfg.num_classes].
     """
     return ViTClassifier(build_backbone(cfg), nn.Linear(cfg.output_dim, cfg.num_classes))
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """open_clip ``ModifiedResNet`` (CLIP's ResNets: BatchNorm, 3-conv stem, attention pooling), small.
+
+    Its total stride is 32, so images are zero-padded (with the background value) to ``padded_size``, a
+    multiple of 32, before the stem. Defaults: ~0.4 M parameters, 1 bottleneck per stage, 1x1 final map.
+    """
+
+    image_size: int = 28
+    padded_size: int = 32
+    width: int = 8
+    layers: tuple[int, ...] = (1, 1, 1, 1)
+    heads: int = 4
+    output_dim: int = 64
+    num_classes: int = 10
+    in_channels: int = 1
+    arch: str = "resnet"  # tells a serialised config from a ViTConfig (which has no such key)
+
+
+ModelConfig = Union[ViTConfig, ResNetConfig]
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Inverse of ``dataclasses.asdict`` for either config (JSON lists become tuples again)."""
+    if d.get("arch") == "resnet":
+        return ResNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return ViTConfig(**d)
+
+
+# Normalised value of a black pixel (soupkit.data: mean 0.2728, std 0.4056), the padding of ResNet inputs.
+_BACKGROUND = -0.2728 / 0.4056
+
+
+def _pad_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: pad x [B, C, H, W] to [B, C, module.image_size, module.image_size] (centred)."""
+    x = args[0]
+    extra_h, extra_w = module.image_size - x.shape[-2], module.image_size - x.shape[-1]
+    if extra_h == 0 and extra_w == 0:
+        return args
+    pad = (extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2)
+    return (F.pad(x, pad, value=_BACKGROUND), *args[1:])
+
+
+def build_resnet_backbone(cfg: ResNetConfig) -> nn.Module:
+    """open_clip ``ModifiedResNet``: x [B, in_channels, H, W] (H, W <= padded_size) -> features [B, output_dim]."""
+    if cfg.padded_size % 32:
+        raise ValueError(f"padded_size must be a multiple of 32 (the ResNet's stride), got {cfg.padded_size}")
+    import_open_clip()
+    from open_clip.modified_resnet import ModifiedResNet
+
+    net = ModifiedResNet(layers=list(cfg.layers), output_dim=cfg.output_dim, heads=cfg.heads,
+                         image_size=cfg.padded_size, width=cfg.width)
+    if cfg.in_channels != net.conv1.in_channels:
+        net.conv1 = nn.Conv2d(cfg.in_channels, cfg.width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+    net.register_forward_pre_hook(_pad_input)  # a hook, not a wrapper: parameter names stay open_clip's
+    return net
+
+
+def build_classifier(cfg: ModelConfig) -> ViTClassifier:
+    """``head(normalize(backbone(x)))`` for a ViT or ResNet config (seed the global torch RNG first).
+
+    Returns:
+        module mapping x [B, cfg.in_channels, cfg.image_size, cfg.image_size] -> logits [B, cfg.num_classes].
+    """
+    if isinstance(cfg, ResNetConfig):
+        return ViTClassifier(build_resnet_backbone(cfg), nn.Linear(cfg.output_dim, cfg.num_classes))
+    return build_vit_classifier(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,9 +15,15 @@ so changing only ``k`` extends or truncates the zoo without retraining. Any othe
 different split file, is refused (``ZooMismatchError``) unless ``overwrite=True``, which deletes the
 zoo's files and rebuilds: silently mixing models from two recipes would corrupt every soup built on them.
 
-Every file is written to a temporary name and moved into place with ``os.replace``, so an interrupted
-build never leaves a half-written file under a name that is read. Same config, same thread count and
-CPU -> byte-identical checkpoints (timings in models.jsonl differ).
+Every file is written to a temporary name and moved into place with ``os.replace`` (``zoo_files``), so an
+interrupted build never leaves a half-written file under a name that is read. Same config, same thread count
+and CPU -> byte-identical checkpoints (timings in models.jsonl differ). The recipe itself (data, training
+loop, pre-training + probe) is ``soupkit.zoo_recipe``.
+
+Variants: ``ZooConfig.model`` is a ``ViTConfig`` of any size or a ``ResNetConfig`` (open_clip's BatchNorm
+ResNet), ``ZooConfig.task`` one of ``soupkit.data.TASKS``. Zoos of several tasks with the same pre-training
+can share one backbone (``build_zoo(..., pretrained_from=...)``), as CLIP's fine-tunes on CIFAR-10 and
+CIFAR-100 do. A zoo.json written before a key was added to ZooConfig reads that key as its default.
 
 Measured with the defaults (K = 32, 1 thread, 2 000 fine-tune / 4 000 held-out / 2 000 test images):
 linear probe 0.787 test; fine-tunes 0.797 / 0.822 / 0.855 test (min / mean / max); uniform soup 0.840;
@@ -28,10 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
-import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,18 +44,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from soupkit.data import (
-    DEFAULT_SPLIT_NAME, DEFAULT_SPLITS_DIR, Splits, augment, load_animal_mnist, load_mnist5k, load_splits,
-    make_loader, to_tensor,
-)
-from soupkit.models import ViTClassifier, ViTConfig, build_vit_classifier
+from soupkit import zoo_files as files
+from soupkit.data import DEFAULT_SPLIT_NAME, DEFAULT_SPLITS_DIR, TASKS, Splits, load_splits, load_task, to_tensor
+from soupkit.models import ModelConfig, ViTClassifier, ViTConfig, build_classifier, model_config_from_dict
+from soupkit.zoo_recipe import PRETRAIN_FIELDS, PRETRAIN_SOURCES, load_train_data, pretrain_and_probe
+from soupkit.zoo_recipe import accuracy as _accuracy
+from soupkit.zoo_recipe import train as _train  # looked up here at each call: tests count fine-tunes
+
+__all__ = ["ZooConfig", "FinetuneHParams", "sample_hparams", "ZooMismatchError", "Zoo", "build_zoo", "load_zoo",
+           "PRETRAIN_SOURCES", "TASKS"]
 
 FORMAT_VERSION = 1
-PRETRAIN_SOURCES = ("animal_coarse", "mnist5k", "animal_coarse+mnist5k")
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,11 @@ class ZooConfig:
     """Every knob of the recipe. Defaults: the measured K = 32 zoo of the module docstring."""
 
     k: int = 32
-    model: ViTConfig = field(default_factory=ViTConfig)
+    model: ModelConfig = field(default_factory=ViTConfig)  # a ViTConfig or a ResNetConfig
     split_name: str = DEFAULT_SPLIT_NAME
+    # The fine-tuning task (soupkit.data.TASKS): its images fill the fine-tune / held-out / test splits;
+    # pre-training always uses the clean images, so zoos of several tasks can share one backbone.
+    task: str = "animal_mnist"
     batch_size: int = 128
     warmup_frac: float = 0.1
     # Pre-training: coarse labels (label % 5) keep the backbone from solving the 10-way task outright,
@@ -97,9 +105,10 @@ class ZooConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ZooConfig":
-        """Inverse of ``to_dict`` (JSON turns tuples into lists; turn them back)."""
+        """Inverse of ``to_dict`` (JSON turns tuples into lists; turn them back). Keys added to the recipe
+        after a zoo was written (``task``) are missing from its zoo.json and take their defaults."""
         kw = dict(d)
-        kw["model"] = ViTConfig(**kw["model"])
+        kw["model"] = model_config_from_dict(kw["model"])
         for f in dataclasses.fields(cls):
             if isinstance(kw.get(f.name), list):
                 kw[f.name] = tuple(kw[f.name])
@@ -155,7 +164,17 @@ class Zoo:
 
     def make_model(self) -> ViTClassifier:
         """An untrained classifier of the zoo's architecture, to ``load_state_dict`` a checkpoint into."""
-        return build_vit_classifier(self.config.model)
+        return build_classifier(self.config.model)
+
+    def summary(self) -> dict[str, Any]:
+        """One row describing the zoo: architecture, parameters, task, K, linear probe and fine-tune test
+        accuracy (min / mean / max, fractions)."""
+        test = np.array([r["test_acc"] for r in self.records])
+        arch = "ResNet" if getattr(self.config.model, "arch", "vit") == "resnet" else "ViT"
+        return {"task": self.config.task, "arch": arch, "width": self.config.model.width,
+                "parameters": sum(p.numel() for p in self.make_model().parameters()), "k": len(self.records),
+                "lp_test_acc": self.info["backbone"]["lp_test_acc"], "finetune_test_min": float(test.min()),
+                "finetune_test_mean": float(test.mean()), "finetune_test_max": float(test.max())}
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """State dict of fine-tune ``index`` (CPU tensors)."""
@@ -165,172 +184,18 @@ class Zoo:
         """Images x [n, C, H, W] float32 and labels y [n] int64 of the zoo's task (CPU), for a split of the
         zoo's split file (``finetune``, ``heldout``, ``test``...); n = a class-balanced prefix, None = all."""
         splits = load_splits(name=self.config.split_name)
-        images, labels = load_animal_mnist()
+        images, labels = load_task(self.config.task)
         idx = splits.subset(split, n)
         return to_tensor(images[idx], self.config.model.in_channels), torch.from_numpy(labels[idx])
 
 
-# ---------------------------------------------------------------------------------------------- training
-@dataclass(frozen=True)
-class _Data:
-    """Tensors of one build: x [N, C, 28, 28] float32, y [N] int64, on the build's device."""
-
-    pre_x: torch.Tensor
-    pre_y: torch.Tensor
-    ft_x: torch.Tensor
-    ft_y: torch.Tensor
-    held_x: torch.Tensor
-    held_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-
-def _load_data(config: ZooConfig, splits: Splits, device: str) -> _Data:
-    images, labels = load_animal_mnist()
-    ch = config.model.in_channels
-
-    def part(name: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = splits.subset(name, n)
-        return to_tensor(images[idx], ch).to(device), torch.from_numpy(labels[idx]).to(device)
-
-    if config.pretrain_source not in PRETRAIN_SOURCES:
-        raise ValueError(f"pretrain_source must be one of {PRETRAIN_SOURCES}, got {config.pretrain_source!r}")
-    xs, ys = [], []
-    if "animal_coarse" in config.pretrain_source:
-        x, y = part("pretrain", config.max_pretrain)
-        xs.append(x)
-        ys.append(y % 5)
-    if "mnist5k" in config.pretrain_source:
-        mi, ml = load_mnist5k()
-        n = config.max_pretrain or len(ml)
-        # With both sources, digits take labels 5-14 after the coarse animal ones: one head, two tasks.
-        offset = 5 if ys else 0
-        xs.append(to_tensor(mi[:n], ch).to(device))
-        ys.append(torch.tensor(ml[:n], device=device) + offset)
-    return _Data(torch.cat(xs), torch.cat(ys), *part("finetune", config.max_finetune),
-                 *part("heldout", config.max_eval), *part("test", config.max_eval))
-
-
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
-           weight_decay: float, label_smoothing: float, aug: float, seed: int, config: ZooConfig,
-           desc: str | None = None) -> None:
-    """AdamW with linear warm-up then cosine decay, per step, on x [N, C, H, W], y [N]."""
-    loader = make_loader(x, y, config.batch_size, shuffle=True, seed=seed, drop_last=len(y) > config.batch_size)
-    total = max(1, epochs * len(loader))
-    warmup = max(1, int(config.warmup_frac * total))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    gen = torch.Generator().manual_seed(seed + 1)  # augmentation noise, independent of the data order
-    model.train()
-    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=desc is None):
-        for xb, yb in loader:
-            # Noise is drawn on the CPU so a GPU build sees the same jitter as a CPU one.
-            xb = augment(xb.cpu(), aug, gen).to(xb.device) if aug > 0 else xb
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
-    """Top-1 accuracy on x [N, C, H, W], y [N]; small batches run faster on CPU (cache) than large ones."""
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / len(y)
-
-
-def _pretrain_and_probe(config: ZooConfig, data: _Data, device: str, progress: bool) -> ViTClassifier:
-    """Pre-train the backbone on coarse labels, then fit the shared LP head on frozen features."""
-    n_pre = int(data.pre_y.max()) + 1
-    with torch.random.fork_rng():  # the initialisation is seeded without touching the caller's RNG
-        torch.manual_seed(config.pretrain_seed)
-        pre = build_vit_classifier(dataclasses.replace(config.model, num_classes=n_pre)).to(device)
-        model = build_vit_classifier(config.model).to(device)  # its random init is overwritten below
-    _train(pre, data.pre_x, data.pre_y, epochs=config.pretrain_epochs, lr=config.pretrain_lr,
-           weight_decay=config.pretrain_weight_decay, label_smoothing=0.0, aug=config.pretrain_aug,
-           seed=config.pretrain_seed, config=config, desc="pre-train" if progress else None)
-    model.backbone.load_state_dict(pre.backbone.state_dict())
-    with torch.no_grad():
-        feats = torch.cat([model.features(data.ft_x[i:i + 1000]) for i in range(0, len(data.ft_y), 1000)])
-        model.head.weight.zero_(), model.head.bias.zero_()  # convex problem: start at 0, no RNG needed
-    opt = torch.optim.AdamW(model.head.parameters(), lr=config.lp_lr, weight_decay=config.lp_weight_decay)
-    for _ in range(config.lp_steps):
-        loss = F.cross_entropy(model.head(feats), data.ft_y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> str:
-    """Save a state dict via a temporary file; returns the final file's sha256."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    # One metadata key: the header's metadata map has no fixed order, and byte-identical files need one.
-    save_file(tensors, str(tmp), metadata={"soupkit": json.dumps(meta, sort_keys=True)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only; teammates read zoos
-    os.replace(tmp, path)
-    return _sha256(path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _read_records(out: Path) -> dict[int, dict[str, Any]]:
-    """Lines of models.jsonl whose checkpoint exists with the recorded sha256."""
-    path, valid = out / "models.jsonl", {}
-    if not path.exists():
-        return valid
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-            f = out / rec["file"]
-            if f.is_file() and _sha256(f) == rec["sha256"]:
-                valid[int(rec["index"])] = rec
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a torn or foreign line: that model is simply retrained
-    return valid
-
-
-def _write_records(out: Path, records: dict[int, dict[str, Any]]) -> None:
-    _atomic_write_text(out / "models.jsonl", "".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
-
-
-def _clear(out: Path) -> None:
-    for p in [out / "zoo.json", out / "models.jsonl", out / "backbone.safetensors", *out.glob("model_*.safetensors")]:
-        p.unlink(missing_ok=True)
-
-
 def _mismatch(info: dict[str, Any], config: ZooConfig, splits: Splits) -> list[str]:
     """Reasons the zoo on disk cannot be extended with ``config`` (k may differ)."""
-    old = {k: v for k, v in info["config"].items() if k != "k"}
+    try:  # through ZooConfig, so a key the zoo.json predates compares as its default
+        old_config = json.loads(json.dumps(ZooConfig.from_dict(info["config"]).to_dict()))
+    except (TypeError, KeyError, ValueError) as err:
+        return [f"zoo.json holds a config this version cannot read ({err})"]
+    old = {k: v for k, v in old_config.items() if k != "k"}
     new = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k != "k"}
     why = [f"{k}: {old.get(k)!r} on disk, {new.get(k)!r} asked" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if info.get("splits_fingerprint") != splits.fingerprint:
@@ -352,9 +217,21 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- public
+def _shared_backbone(source: str | Path, config: ZooConfig) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` tensors of the zoo in ``source``, refused unless its pre-training equals ``config``'s."""
+    other = load_zoo(source)
+    same = {f: getattr(config, f) == getattr(other.config, f) for f in PRETRAIN_FIELDS}
+    same["model"] = dataclasses.replace(other.config.model, num_classes=0) == \
+        dataclasses.replace(config.model, num_classes=0)
+    if not all(same.values()):
+        raise ZooMismatchError(f"{source} was pre-trained with another recipe "
+                               f"({', '.join(f for f, ok in same.items() if not ok)} differ)")
+    return {k: v for k, v in load_file(other.backbone_path).items() if k.startswith("backbone.")}
+
+
 def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bool = True, device: str = "cpu",
               *, splits_dir: str | Path = DEFAULT_SPLITS_DIR, num_threads: int | None = None,
-              overwrite: bool = False) -> Zoo:
+              overwrite: bool = False, pretrained_from: str | Path | None = None) -> Zoo:
     """Build (or resume, or extend) the zoo in ``out_dir`` and return it.
 
     Args:
@@ -365,41 +242,46 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
         splits_dir: folder of the committed split files.
         num_threads: torch CPU threads during the build (restored afterwards); None keeps the current.
         overwrite: delete a zoo built with another recipe instead of raising.
+        pretrained_from: a built zoo with the same pre-training (``PRETRAIN_FIELDS`` and architecture, any
+            task): its backbone is reused instead of pre-training again. Pre-training is deterministic, so
+            the zoo is the same as without it (on the same machine and threads), only cheaper.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp-*"):  # left by an interrupted build; never read, just clutter
-        stale.unlink()
+    files.remove_stale_temporaries(out)
     splits = load_splits(splits_dir, config.split_name)
-    info = _read_json(out / "zoo.json")
+    info = files.read_json(out / "zoo.json")
     if info is not None and (why := _mismatch(info, config, splits)):
         if not overwrite:
             raise ZooMismatchError(f"{out} holds a zoo of another recipe ({'; '.join(why)}); "
                                    "pass overwrite=True (--overwrite) to rebuild it, or use another folder")
         info = None
     with _threads(num_threads):
-        data = _load_data(config, splits, device)
+        data = load_train_data(config, splits, device)
         backbone = out / "backbone.safetensors"
-        if info is None or not backbone.is_file() or _sha256(backbone) != info["backbone"]["sha256"]:
-            _clear(out)  # without a valid zoo.json + backbone no other file here can be trusted
+        if info is None or not backbone.is_file() or files.sha256_file(backbone) != info["backbone"]["sha256"]:
+            files.clear(out)  # without a valid zoo.json + backbone no other file here can be trusted
             t0 = time.perf_counter()
-            model = _pretrain_and_probe(config, data, device, progress)
+            shared = _shared_backbone(pretrained_from, config) if pretrained_from is not None else None
+            model = pretrain_and_probe(config, data, device, progress, backbone=shared)
             info = {
                 "format": FORMAT_VERSION, "splits_fingerprint": splits.fingerprint,
                 "backbone": {
                     "file": backbone.name,
-                    "sha256": _atomic_save(model.state_dict(), backbone, {"kind": "pretrained+lp"}),
+                    "sha256": files.atomic_save(model.state_dict(), backbone, {"kind": "pretrained+lp"}),
                     "pretrain_seconds": round(time.perf_counter() - t0, 2),
                     "lp_heldout_acc": _accuracy(model, data.held_x, data.held_y),
                     "lp_test_acc": _accuracy(model, data.test_x, data.test_y),
                 },
             }
+            if pretrained_from is not None:
+                info["backbone"]["pretrained_from"] = str(pretrained_from)
         info["config"] = config.to_dict()
-        _atomic_write_text(out / "zoo.json", json.dumps(info, indent=1) + "\n")
+        files.atomic_write_text(out / "zoo.json", json.dumps(info, indent=1) + "\n")
         with torch.random.fork_rng():  # the random init is overwritten; keep the caller's RNG untouched
-            start = build_vit_classifier(config.model).to(device)
+            start = build_classifier(config.model).to(device)
         start.load_state_dict(load_file(backbone, device=device))
-        records = _read_records(out)
+        records = files.read_records(out)
         todo = [i for i in range(config.k) if i not in records]
         for i in tqdm(todo, desc="fine-tunes", disable=not progress or not todo):
             hp = sample_hparams(config, i)
@@ -409,25 +291,25 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
                    label_smoothing=hp.label_smoothing, aug=hp.aug_strength, seed=hp.seed, config=config)
             seconds = time.perf_counter() - t0
             path = out / f"model_{i:03d}.safetensors"
-            sha = _atomic_save(model.state_dict(), path, {"index": i, "hparams": asdict(hp)})
+            sha = files.atomic_save(model.state_dict(), path, {"index": i, "hparams": asdict(hp)})
             records[i] = {
                 "index": i, "file": path.name, "sha256": sha, "hparams": asdict(hp),
                 "heldout_acc": _accuracy(model, data.held_x, data.held_y),
                 "test_acc": _accuracy(model, data.test_x, data.test_y),
                 "finetune_seconds": round(seconds, 2),
             }
-            _write_records(out, records)  # after the checkpoint: a line always points at a whole file
+            files.write_records(out, records)  # after the checkpoint: a line always points at a whole file
     return load_zoo(out)
 
 
 def load_zoo(out_dir: str | Path) -> Zoo:
     """Read a complete zoo written by ``build_zoo``; raises if any of its k models is missing or altered."""
     out = Path(out_dir)
-    info = _read_json(out / "zoo.json")
+    info = files.read_json(out / "zoo.json")
     if info is None:
         raise FileNotFoundError(f"no zoo.json in {out}; build it with `python -m soupkit.zoo --out {out}`")
     config = ZooConfig.from_dict(info.pop("config"))
-    records = _read_records(out)
+    records = files.read_records(out)
     missing = [i for i in range(config.k) if i not in records]
     if missing:
         raise FileNotFoundError(f"{out}: models {missing} missing or altered; run build_zoo again to resume")
@@ -441,13 +323,14 @@ def main(argv: Sequence[str] | None = None) -> Zoo:
     p.add_argument("--k", type=int, default=ZooConfig.k)
     p.add_argument("--search-seed", type=int, default=ZooConfig.search_seed)
     p.add_argument("--pretrain-seed", type=int, default=ZooConfig.pretrain_seed)
+    p.add_argument("--task", default=ZooConfig.task, choices=TASKS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is faster when other jobs share the cores")
     p.add_argument("--overwrite", action="store_true", help="rebuild a zoo made with another recipe")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    config = ZooConfig(k=a.k, search_seed=a.search_seed, pretrain_seed=a.pretrain_seed)
+    config = ZooConfig(k=a.k, search_seed=a.search_seed, pretrain_seed=a.pretrain_seed, task=a.task)
     t0 = time.perf_counter()
     try:
         zoo = build_zoo(a.out, config, progress=not a.no_progress, device=a.device, num_threads=a.threads,

@@ -139,3 +139,10 @@ def test_build_leaves_global_rng_alone(tmp_path) -> None:
     torch.manual_seed(0)
     _build(tmp_path)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_config_dict_from_before_tasks_and_architectures_reads_as_defaults() -> None:
+    old = json.loads(json.dumps(TINY.to_dict()))
+    del old["task"]  # zoo.json files written before the key existed
+    assert "arch" not in old["model"]  # a ViT config is serialised as before
+    assert ZooConfig.from_dict(old) == TINY and TINY.task == "animal_mnist"

@@ -79,6 +79,9 @@ class SoupConfig:
             (every rank calls ``make_soup`` with the same arguments): ``"data"`` (each rank a part of every
             batch; all learned soups) or ``"model"`` (each rank a part of each block's models; HL/MEHL).
             None: this process alone. See ``soupkit/distributed.py``; other methods run whole on every rank.
+        memory_cap_mb: stop the method (``memory.MemoryCapExceeded``) once it uses more than this many MB above
+            the level at its start -- the quantity ``peak_memory_bytes`` reports; stands for a smaller machine
+            (the paper's ">256GB"). On CPU the run must be on the main thread. None: no cap.
     """
 
     device: Any = "cpu"
@@ -110,6 +113,7 @@ class SoupConfig:
     run_dir: Optional[Union[str, os.PathLike]] = None
     check_basin: bool = True
     parallel: Optional[str] = None
+    memory_cap_mb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0:

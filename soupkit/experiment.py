@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from .data import make_loader
 from .evaluation import evaluate
 from .io import atomic_write_json
-from .memory import MemoryCap, MemoryCapExceeded
+from .memory import MemoryCapExceeded
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
 from .sources import open_zoo
@@ -140,11 +139,10 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}:
         options["select_loader"] = loaders["select"]
     base = {k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")}
-    cap = MemoryCap(int(spec.memory_cap_mb * 2**20), options.get("device", "cpu")) if spec.memory_cap_mb \
-        else nullcontext()
+    if spec.memory_cap_mb:
+        options["memory_cap_mb"] = spec.memory_cap_mb
     try:
-        with cap:
-            result = make_soup(spec.method, model, pool, loaders["learn"], **options)
+        result = make_soup(spec.method, model, pool, loaders["learn"], **options)
     except (MemoryCapExceeded, torch.OutOfMemoryError) as err:
         # a run the machine (or the cap standing for a smaller one) cannot hold is a result, as the paper's ">256GB"
         seen = err.seen_bytes if isinstance(err, MemoryCapExceeded) else None

@@ -1,6 +1,8 @@
 """Every soup method of the paper behind one registry: ``make_soup(name, model, pool, val_loader, **options)``."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -17,7 +19,7 @@ from .config import SoupConfig, config_for
 from .distributed import communicator
 from .evaluation import accuracy, predict
 from .learned_soups import hyperplane_soup, learned_soup
-from .memory import PeakMemory
+from .memory import MemoryCap, PeakMemory
 from .pool import CheckpointPool
 from .soup_result import SoupResult
 
@@ -174,7 +176,8 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
             ``run_dir``, and ``stats`` gains each rank's peak memory, time and resident models.
 
     Raises:
-        CheckpointError, DataError, DivergenceError, ResumeError (all :class:`soupkit.errors.SoupkitError`).
+        CheckpointError, DataError, DivergenceError, ResumeError (all :class:`soupkit.errors.SoupkitError`);
+        ``memory.MemoryCapExceeded`` when ``memory_cap_mb`` is set and the method needs more.
     """
     if name not in METHODS:
         raise ValueError(f"unknown soup method {name!r}; choose from {list(METHODS)}")
@@ -194,7 +197,8 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
         seed(cfg.seed)  # after the checks, so that they do not move the run's random stream
         start = time.perf_counter()
         pool.max_resident = pool.resident  # count the fine-tuned models this run holds at once
-        with PeakMemory(cfg.device) as meter:
+        cap = MemoryCap(int(cfg.memory_cap_mb * 2**20), cfg.device) if cfg.memory_cap_mb else nullcontext()
+        with PeakMemory(cfg.device) as meter, cap:  # the cap measures what peak_memory_bytes reports
             result = method.fn(model, pool, val_loader, cfg)
         seconds = time.perf_counter() - start
     epochs = result.stats.get("epochs", 0)

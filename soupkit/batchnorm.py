@@ -33,7 +33,8 @@ def batchnorm_layers(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, batch_size: int = 250) -> dict[str, Tensor]:
+def reestimate_bn(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, batch_size: int = 250,
+                  device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """``state`` with every BatchNorm's running mean and variance recomputed on images ``x`` [N, C, H, W].
 
     The statistics are the exact average over the batches (``momentum=None``), so the result depends only
@@ -41,9 +42,9 @@ def reestimate_bn(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, batc
     neither it nor ``state`` is modified.
 
     Returns:
-        a new state dict (same keys); only BatchNorm buffers differ from ``state``.
+        a new state dict (same keys, on CPU); only BatchNorm buffers differ from ``state``.
     """
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).to(device)
     net.load_state_dict(dict(state))
     net.eval()  # everything but BatchNorm in inference mode
     for m in net.modules():
@@ -52,9 +53,9 @@ def reestimate_bn(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, batc
             m.momentum = None  # cumulative average over the batches
             m.train()
     for i in range(0, len(x), batch_size):
-        net(x[i:i + batch_size])
+        net(x[i:i + batch_size].to(device))
     new = net.state_dict()
-    return {k: new[k].detach().clone() for k in state}
+    return {k: new[k].detach().to("cpu").clone() for k in state}
 
 
 def _loader(x: Tensor, y: Tensor) -> Iterable:
@@ -62,7 +63,7 @@ def _loader(x: Tensor, y: Tensor) -> Iterable:
 
 
 def bn_comparison(zoo: "Zoo", results_dir: str | Path, methods: Sequence[str], n: int | None = 1000,
-                  split: str = "finetune") -> pd.DataFrame:
+                  split: str = "finetune", device: str | torch.device = "cpu") -> pd.DataFrame:
     """Test and held-out accuracy of each saved soup with its souped BatchNorm statistics and with statistics
     re-estimated on ``n`` images of ``split`` (a class-balanced prefix; ``finetune`` uses no held-out image).
 
@@ -75,18 +76,22 @@ def bn_comparison(zoo: "Zoo", results_dir: str | Path, methods: Sequence[str], n
     """
     model = zoo.make_model()
     x, _ = zoo.tensors(split, n)
-    loaders = {"test": _loader(*zoo.tensors("test")), "held-out": _loader(*zoo.tensors("heldout"))}
+    if hasattr(zoo, "loaders"):  # a zoo made elsewhere: real data sets, read in batches
+        made = zoo.loaders()
+        loaders = {"test": made["test"], "held-out": made["heldout"]}
+    else:
+        loaders = {"test": _loader(*zoo.tensors("test")), "held-out": _loader(*zoo.tensors("heldout"))}
     rows = []
     for method in methods:
         folder = Path(results_dir) / method.replace("+", "_plus")
         if not (folder / "result.json").is_file() or not (folder / "soup.safetensors").is_file():
             continue
         soup = SoupResult.load(folder).state_dict
-        fresh = reestimate_bn(model, soup, x)
+        fresh = reestimate_bn(model, soup, x, device=device)
         row = {"method": method}
         for name, loader in loaders.items():
-            row[f"{name} souped (%)"] = 100 * evaluate(model, soup, loader)
-            row[f"{name} re-estimated (%)"] = 100 * evaluate(model, fresh, loader)
+            row[f"{name} souped (%)"] = 100 * evaluate(model, soup, loader, device)
+            row[f"{name} re-estimated (%)"] = 100 * evaluate(model, fresh, loader, device)
         row["test change (points)"] = row["test re-estimated (%)"] - row["test souped (%)"]
         rows.append(row)
     return pd.DataFrame(rows)

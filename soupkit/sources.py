@@ -128,6 +128,15 @@ class ExternalZoo:
 
         return build_model_soups_model(self.spec.classes, self.spec.arch, keep_text_leftovers=self._keeps_text())
 
+    def tensors(self, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, 3, H, W], y [n] of a seeded subset of ``split`` (``finetune``, ``heldout`` or ``test``), stacked in
+        memory: for small n only (e.g. re-estimating BatchNorm statistics)."""
+        data = _data(self.spec, self._keeps_text())
+        dataset = {"finetune": data.train, "heldout": data.heldout, "test": data.test}[split]
+        order = np.random.default_rng(self.spec.seed).permutation(len(dataset))[: n or len(dataset)]
+        items = [dataset[int(i)] for i in order]
+        return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
     def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
         """Same keys as ``experiment.zoo_loaders``; ``heldout_size`` takes a fixed seeded subset (nested in n)."""

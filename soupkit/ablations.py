@@ -29,7 +29,7 @@ from .experiment import RunSpec, run_method
 from .io import atomic_write_json
 from .pool import CheckpointPool
 from .results import write_csv
-from .zoo import load_zoo
+from .sources import open_zoo
 
 __all__ = ["STUDIES", "Setting", "ablation_grid", "parse_values", "run_ablations", "gram_matrices",
            "centred_gram", "cosine_matrix", "cosine_diagnostic", "plot_ablations"]
@@ -112,7 +112,7 @@ def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: 
     grid = list(grid)
     out = Path(out_dir)
     models = spec_fields.get("models")
-    k = len(models) if models is not None else len(load_zoo(zoo_dir).records)
+    k = len(models) if models is not None else len(open_zoo(zoo_dir).records)
     records: dict[Setting, dict[str, Any]] = {}
     for _, _, setting in grid:
         if setting in records:

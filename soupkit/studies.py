@@ -23,7 +23,7 @@ import pandas as pd
 from .experiment import RunSpec, run_method, run_methods, zoo_table
 from .results import DISPLAY, write_csv
 from .soup_result import SoupResult
-from .zoo import load_zoo
+from .sources import open_zoo
 
 __all__ = [
     "PAPER_MODELS", "parse_list", "scaled_counts", "remaining_after_top", "individual_heldout_accuracies",
@@ -90,7 +90,7 @@ def individual_heldout_accuracies(zoo_dir: str | os.PathLike, out_dir: str | os.
 def ranked_models(zoo_dir: str | os.PathLike, study_dir: str | os.PathLike) -> pd.DataFrame:
     """The zoo's models (:func:`~soupkit.experiment.zoo_table`), best first by ``study_heldout_acc``: held-out
     accuracy on the study's held-out images, read from ``<study_dir>/best/`` (:func:`individual_heldout_accuracies`)."""
-    table = zoo_table(load_zoo(zoo_dir))
+    table = zoo_table(open_zoo(zoo_dir))
     table["study_heldout_acc"] = SoupResult.load(Path(study_dir) / "best").stats["heldout_accuracies"]
     return table.sort_values(["study_heldout_acc", "index"], ascending=[False, True]).reset_index(drop=True)
 
@@ -105,8 +105,13 @@ def _sweep(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: Seq
         columns = {key: value for key, value in setting.items() if key != "spec"}
         if progress:
             print(f"{name}: {', '.join(methods)}", flush=True)
+        spec = {**spec_fields, **setting.get("spec", {})}
+        k = len(spec["models"]) if spec.get("models") is not None else len(open_zoo(zoo_dir).records)
+        # b above K means one block of all K (make_soup would warn): say so without the warning
+        fitted = {m: {**o, "model_batch_size": min(o["model_batch_size"], k)} if "model_batch_size" in o else o
+                  for m, o in (options or {}).items()}
         records = run_methods(zoo_dir, Path(out_dir) / name, methods, isolate=False, progress=False,
-                              options=options, **{**spec_fields, **setting.get("spec", {})})
+                              options=fitted, **spec)
         rows += [{**columns, **record} for record in records]
     frame = pd.DataFrame(rows)
     write_csv(frame, Path(out_dir) / "records.csv")
@@ -193,14 +198,22 @@ def growing_zoo(finetune_seconds: Sequence[float], sizes: Sequence[int]) -> pd.D
 def finetuning_cost_study(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, sizes: Sequence[int],
                           methods: Sequence[str] = ("greedy", "mehl+"),
                           options: dict[str, dict[str, Any]] | None = None, progress: bool = False,
-                          **spec_fields: Any) -> pd.DataFrame:
+                          seconds_per_model: float | None = None, **spec_fields: Any) -> pd.DataFrame:
     """The paper's Figure 2: each method on the first n models of the zoo, for each n of ``sizes``.
+
+    ``seconds_per_model`` replaces the zoo's measured fine-tuning seconds (needed for zoos that do not record
+    them, such as model-soups' released checkpoints).
 
     Returns:
         one record per (n, method) with ``num_finetuned``, ``finetune_seconds`` (the zoo's measured
         fine-tuning seconds of those n models) and the run's record.
     """
-    seconds = [r["finetune_seconds"] for r in load_zoo(zoo_dir).records]
+    seconds = [r.get("finetune_seconds") for r in open_zoo(zoo_dir).records]
+    if seconds_per_model:
+        seconds = [float(seconds_per_model)] * len(seconds)
+    elif any(s is None for s in seconds):
+        raise ValueError(f"{zoo_dir}: its records hold no fine-tuning time (model-soups' release has none); "
+                         "pass seconds_per_model (notebook 06: the seconds_per_model parameter)")
     grow = growing_zoo(seconds, sizes)
     settings = [(f"first{row.num_finetuned}", {"num_finetuned": row.num_finetuned,
                                                "finetune_seconds": row.finetune_seconds,

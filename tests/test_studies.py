@@ -110,6 +110,21 @@ def test_finetuning_cost_study_uses_the_zoo_seconds(tiny_zoo, tmp_path):
     assert read_csv(tmp_path / "records.csv")["finetune_seconds"].is_monotonic_increasing
     fig = plot_finetuning_cost(records, "tiny", target=0.5)
     assert len(fig.axes[0].lines) == 2  # one method + the target level
+    # a zoo without recorded times (model-soups' release) needs an assumed cost per model
+    assumed = finetuning_cost_study(tiny_zoo.out_dir, tmp_path / "assumed", [2], methods=("greedy",),
+                                    heldout_size=40, seconds_per_model=100.0)
+    assert assumed["finetune_seconds"].tolist() == [200.0]
+
+
+def test_b_above_the_number_of_models_is_one_block_without_a_warning(tiny_zoo, tmp_path):
+    import warnings
+
+    options = {"mehl+": {"model_batch_size": 8, "epochs": 1.0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        records = finetuning_cost_study(tiny_zoo.out_dir, tmp_path, [2], methods=("mehl+",), options=options,
+                                        heldout_size=40)
+    assert records["status"].tolist() == ["ok"] and records["num_models"].tolist() == [2]
 
 
 def test_heldout_size_study_passes_each_size(tiny_zoo, tmp_path):

@@ -89,7 +89,7 @@ def _streamed_load_stack(self, indices, device="cpu", dtype=None, subtract=None,
     """CheckpointPool.load_stack reading one tensor at a time from safetensors (no whole model next to the stack)."""
     from safetensors import safe_open  # noqa: PLC0415
 
-    from soupkit.pool import _Loaded  # noqa: PLC0415
+    from soupkit.checkpoint_files import _Loaded  # noqa: PLC0415
 
     keys = list(self.spec if keys is None else keys)
     stack = _Loaded()

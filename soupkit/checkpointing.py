@@ -35,7 +35,7 @@ from .pool import CheckpointPool, load_state_dict, save_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layers import LayerMap
-    from .learn import BatchStream
+    from .batches import BatchStream
 
 try:
     import fcntl

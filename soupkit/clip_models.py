@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soupkit._compat import import_open_clip
-from soupkit.pool import load_state_dict, save_state_dict
+from soupkit.checkpoint_files import load_state_dict, save_state_dict
 
 __all__ = [
     "MODEL_SOUPS_ARCH", "TEXT_LEFTOVER_KEYS", "CheckpointLayoutError", "ImageTower", "SoupClassifier",

@@ -21,7 +21,8 @@ from .config import SoupConfig
 from .distributed import Communicator, communicator, on_main
 from .errors import DivergenceError
 from .layers import LayerMap, layer_map
-from .learn import BatchStream, HyperplaneSpace, SimplexSpace, optimise
+from .batches import BatchStream
+from .learn import HyperplaneSpace, SimplexSpace, optimise
 from .pool import CheckpointPool
 from .soup_result import SoupResult
 

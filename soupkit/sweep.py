@@ -33,7 +33,7 @@ from soupkit.clip_models import SoupClassifier, classifier_from_clip, create_cli
 from soupkit.evaluation import evaluate
 from soupkit.hub import sha256_file
 from soupkit.io import atomic_write_json, atomic_write_text
-from soupkit.pool import load_state_dict, save_state_dict
+from soupkit.checkpoint_files import load_state_dict, save_state_dict
 from soupkit.realdata import DataSplits, clip_transform, load_splits, make_loader
 
 __all__ = ["SweepConfig", "SweepError", "sample_hparams", "warmup_cosine", "run_sweep", "main"]

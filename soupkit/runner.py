@@ -3,6 +3,7 @@
     python -m soupkit.runner --preset embedded --out outputs --jobs 2  # what `make reproduce` runs
     python -m soupkit.runner --preset smoke --out outputs/smoke --only 02_main_table
     python -m soupkit.runner --stages                                  # notebook groups that may run at once
+    python -m soupkit.runner --preset paper --params 02_main_table > p.yaml   # one notebook: papermill -f p.yaml
 
 A preset is ``presets/<name>.yaml``::
 
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["NOTEBOOKS", "DEPENDS", "stages", "load_preset", "run_notebooks", "main"]
+__all__ = ["NOTEBOOKS", "DEPENDS", "stages", "load_preset", "notebook_parameters", "run_notebooks", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -85,6 +86,18 @@ def _declared_parameters(path: Path) -> set[str]:
     import papermill  # noqa: PLC0415  (heavy import, only when running notebooks)
 
     return set(papermill.inspect_notebook(str(path)))
+
+
+def notebook_parameters(preset: str, name: str) -> dict[str, Any]:
+    """The parameters ``preset`` gives notebook ``name`` (its ``common`` and ``notebooks.<name>`` entries, only
+    the names the notebook declares): what to hand to ``papermill -f`` to run that notebook alone."""
+    spec = load_preset(preset)
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not path.is_file():
+        raise ValueError(f"unknown notebook {name!r}; available: {[n for n in NOTEBOOKS if (NOTEBOOK_DIR / f'{n}.ipynb').exists()]}")
+    declared = _declared_parameters(path)
+    params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
+    return {key: value for key, value in params.items() if key in declared}
 
 
 def _commit_copy(executed: Path, source: Path) -> None:
@@ -207,9 +220,14 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
                         help="copy executed notebooks back into notebooks/ (refreshes committed outputs)")
     parser.add_argument("--kernel", default="python3")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once when their inputs are ready")
+    parser.add_argument("--params", metavar="NOTEBOOK",
+                        help="print the preset's parameters for one notebook as YAML (for papermill -f) and exit")
     parser.add_argument("--stages", action="store_true",
                         help="print the notebooks, one line per group that may run at once, and exit")
     args = parser.parse_args(argv)
+    if args.params:
+        print(yaml.safe_dump(notebook_parameters(args.preset, args.params), sort_keys=False), end="")
+        return []
     if args.stages:
         existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
         for group in stages(existing):

@@ -129,3 +129,16 @@ def test_stages_put_each_notebook_after_its_inputs():
     for name, deps in runner.DEPENDS.items():
         assert all(position[d] < position[name] for d in deps)
     assert runner.stages(["02_main_table", "05_coefficients"]) == [["02_main_table"], ["05_coefficients"]]
+
+
+def test_params_of_one_notebook_for_papermill(capsys):
+    params = runner.notebook_parameters("paper", "02_main_table")
+    assert params["model_batch_size"] == 18 and params["device"] == "cuda"
+    assert "zoo_source" not in params  # 01's parameter: 02 does not declare it
+    assert runner.notebook_parameters("paper", "03_larger_model")["model_batch_size"] == 8  # its own block wins
+    runner.main(["--preset", "smoke", "--params", "02_main_table"])
+    import yaml
+
+    assert yaml.safe_load(capsys.readouterr().out)["heldout_size"] == 200
+    with pytest.raises(ValueError, match="unknown notebook"):
+        runner.notebook_parameters("paper", "10_nope")

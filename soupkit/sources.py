@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,9 @@ class ExternalZoo:
     def paths(self) -> list[Path]:
         return [Path(r["path"]) for r in self.records]
 
+    @cached_property
     def _keeps_text(self) -> bool:
+        # read once per zoo: make_model, loaders and tensors all need it, and it opens a checkpoint
         from .clip_models import TEXT_LEFTOVER_KEYS  # noqa: PLC0415
         from .pool import CheckpointPool  # noqa: PLC0415
 
@@ -126,12 +128,12 @@ class ExternalZoo:
         """The classifier whose ``state_dict`` keys are those of the checkpoints (random weights)."""
         from .clip_models import build_model_soups_model  # noqa: PLC0415
 
-        return build_model_soups_model(self.spec.classes, self.spec.arch, keep_text_leftovers=self._keeps_text())
+        return build_model_soups_model(self.spec.classes, self.spec.arch, keep_text_leftovers=self._keeps_text)
 
     def tensors(self, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, 3, H, W], y [n] of a seeded subset of ``split`` (``finetune``, ``heldout`` or ``test``), stacked in
         memory: for small n only (e.g. re-estimating BatchNorm statistics)."""
-        data = _data(self.spec, self._keeps_text())
+        data = _data(self.spec, self._keeps_text)
         dataset = {"finetune": data.train, "heldout": data.heldout, "test": data.test}[split]
         order = np.random.default_rng(self.spec.seed).permutation(len(dataset))[: n or len(dataset)]
         items = [dataset[int(i)] for i in order]
@@ -142,7 +144,7 @@ class ExternalZoo:
         """Same keys as ``experiment.zoo_loaders``; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
         from .realdata import make_loader  # noqa: PLC0415
 
-        data = _data(self.spec, self._keeps_text())
+        data = _data(self.spec, self._keeps_text)
         order = np.random.default_rng(self.spec.seed).permutation(len(data.heldout))
         order = order[: heldout_size or len(order)]
         n_select = int(round(select_fraction * len(order)))

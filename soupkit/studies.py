@@ -101,12 +101,13 @@ def _sweep(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: Seq
     """Run ``methods`` once per setting ``(name, {column: value, ..., "spec": {RunSpec fields}})`` in this
     process; records go to ``<out_dir>/<name>/``, all of them to ``<out_dir>/records.csv``."""
     rows = []
+    k_all = len(open_zoo(zoo_dir).records)  # once: opening a zoo checks every checkpoint's sha256
     for name, setting in settings:
         columns = {key: value for key, value in setting.items() if key != "spec"}
         if progress:
             print(f"{name}: {', '.join(methods)}", flush=True)
         spec = {**spec_fields, **setting.get("spec", {})}
-        k = len(spec["models"]) if spec.get("models") is not None else len(open_zoo(zoo_dir).records)
+        k = len(spec["models"]) if spec.get("models") is not None else k_all
         # b above K means one block of all K (make_soup would warn): say so without the warning
         fitted = {m: {**o, "model_batch_size": min(o["model_batch_size"], k)} if "model_batch_size" in o else o
                   for m, o in (options or {}).items()}
@@ -273,6 +274,14 @@ def _line(ax: plt.Axes, x: Sequence[float], y: Sequence[float], method: str, **k
     ax.plot(x, y, marker="o", color=_COLOURS.get(method), label=DISPLAY.get(method, method), **kw)
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, title: str) -> plt.Figure:
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_top_models(records: pd.DataFrame, title: str, paper: pd.DataFrame | None = None) -> plt.Figure:
     """Test accuracy against the number of top models eliminated: ours (left), the paper's (right)."""
     panels = 2 if paper is not None else 1
@@ -308,11 +317,7 @@ def plot_finetuning_cost(records: pd.DataFrame, title: str, target: float | None
         ax.axhline(100 * target, color="black", ls="--", lw=0.8, label=f"target {100 * target:.2f} %")
     ax.set_xlabel("fine-tuning cost of these models: measured seconds (zoo records), cumulative")
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 def plot_heldout_size(records: pd.DataFrame, title: str) -> plt.Figure:
@@ -329,8 +334,4 @@ def plot_heldout_size(records: pd.DataFrame, title: str) -> plt.Figure:
     ax.minorticks_off()
     ax.set_xlabel("held-out images (class-balanced)")
     ax.set_ylabel("accuracy (%): test solid, held-out dashed")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)

@@ -14,7 +14,7 @@ JOBS ?= 2
 # pip on some machines prints one warning per unreachable local index: hide only those lines
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup test reproduce clean
+.PHONY: setup test reproduce update-committed clean
 
 $(STAMP): requirements.txt requirements-data.txt requirements-test.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,18 +25,33 @@ $(STAMP): requirements.txt requirements-data.txt requirements-test.txt constrain
 
 setup: $(STAMP)
 
-# nbval re-executes every notebook and compares its outputs with the committed ones, one group of notebooks
-# at a time (soupkit.runner --stages: each group needs only the groups before it), JOBS at once
+# nbval re-executes every notebook on a copy in a temporary folder (the committed notebooks, figures/ and
+# outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.drift compares
+# the rerun's tables with the committed figures/*.csv within the measured tolerances of data/tolerances.csv.
+# Groups of notebooks (soupkit.runner --stages) run one after another, JOBS notebooks at once.
 test: setup
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m soupkit.runner --stages > $(VENV)/nbval-stages
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; mkdir -p "$$tmp/notebooks"; \
+	cp notebooks/*.ipynb "$$tmp/notebooks/"; root=$$(pwd); \
 	while read -r group; do \
-	  OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
-	    $(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval $$group < /dev/null || exit 1; \
-	done < $(VENV)/nbval-stages
+	  ( cd "$$tmp" && OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
+	    "$$root/$(BIN)/python" -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval $$group < /dev/null ) || exit 1; \
+	done < $(VENV)/nbval-stages; \
+	$(BIN)/python -m soupkit.drift check figures "$$tmp/figures" --exclude "seeds_*" --exclude "claims.csv"
 
+# records and figures go to $(OUT) (never a tracked file); for the embedded default the run's tables are then
+# compared with the committed figures/ within the measured tolerances (a report: it does not fail the run)
 reproduce: setup
 	$(BIN)/python -m soupkit.runner --preset $(PRESET) --out $(OUT) --jobs $(JOBS)
+	if [ "$(PRESET)" = embedded ]; then \
+	  $(BIN)/python -m soupkit.drift check figures $(OUT)/figures --exclude "seeds_*" --exclude "claims.csv" \
+	    || echo "some numbers of this run differ from the committed figures/ by more than the tolerances above"; \
+	fi
+
+# maintainers: refresh the committed figures/ and notebooks' outputs from a run of the embedded default
+update-committed: setup
+	$(BIN)/python -m soupkit.runner --preset embedded --out $(OUT) --jobs $(JOBS) --update-committed
 
 clean:
 	rm -rf $(VENV) $(OUT)

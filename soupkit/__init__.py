@@ -4,6 +4,10 @@
 >>> sorted(soupkit.METHODS)[:3]
 ['best', 'ensemble', 'greedy']
 """
+from .numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before anything below imports torch (see soupkit/numerics.py)
+
 from .config import DEFAULTS, SoupConfig
 from .evaluation import evaluate, predict
 from .layers import LayerMap, layer_map

@@ -28,7 +28,7 @@ from torch import Tensor
 from .experiment import RunSpec, run_method
 from .io import atomic_write_json
 from .pool import CheckpointPool
-from .results import write_csv
+from .results import record_test_interval, write_csv
 from .sources import open_zoo
 
 __all__ = ["STUDIES", "Setting", "ablation_grid", "parse_values", "run_ablations", "gram_matrices",
@@ -107,13 +107,17 @@ def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: 
 
     Returns:
         One row per (study, value): the setting's fields, ``outer_iterations``, accuracies as fractions,
-        ``heldout_passes`` (epochs over the held-out set in all), ``seconds_total`` and ``cpu_seconds``.
+        ``test_low`` / ``test_high`` (the 95 % percentile-bootstrap interval of ``test_accuracy`` over test
+        images, from the predictions kept beside the record: :func:`soupkit.results.record_test_interval`; NaN
+        when there are none), ``heldout_passes`` (epochs over the held-out set in all), ``seconds_total``,
+        ``cpu_seconds`` and ``record_path``.
     """
     grid = list(grid)
     out = Path(out_dir)
     models = spec_fields.get("models")
     k = len(models) if models is not None else len(open_zoo(zoo_dir).records)
     records: dict[Setting, dict[str, Any]] = {}
+    intervals: dict[Setting, tuple[float, float]] = {}
     for _, _, setting in grid:
         if setting in records:
             continue
@@ -124,12 +128,16 @@ def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: 
         record["cpu_seconds"] = time.process_time() - start
         atomic_write_json(spec.record, record)
         records[setting] = record
+        interval = record_test_interval(record, spec.record)
+        intervals[setting] = (interval.low, interval.high) if interval else (math.nan, math.nan)
     rows = [{"study": study, "value": value, "setting": setting.name, **asdict(setting),
              "outer_iterations": records[setting]["outer_iterations"],
              "test_accuracy": records[setting]["test_accuracy"],
+             "test_low": intervals[setting][0], "test_high": intervals[setting][1],
              "heldout_accuracy": records[setting]["heldout_accuracy"],
              "heldout_passes": records[setting]["epochs"], "seconds_total": records[setting]["seconds_total"],
-             "cpu_seconds": records[setting]["cpu_seconds"]} for study, value, setting in grid]
+             "cpu_seconds": records[setting]["cpu_seconds"], "record_path": str(out / f"{setting.name}.json")}
+            for study, value, setting in grid]
     table = pd.DataFrame(rows)
     write_csv(table, out / "ablations.csv")
     return table
@@ -207,7 +215,8 @@ def cosine_diagnostic(pool: CheckpointPool, keys: Iterable[str] | None = None, m
 def plot_ablations(table: pd.DataFrame, title: str, baseline: Setting | None = None) -> plt.Figure:
     """One panel per study of :func:`run_ablations`'s table: test (solid) and held-out (dashed) accuracy, %.
 
-    The baseline's point (if given) is circled in every panel.
+    Test accuracies carry error bars: their 95 % interval over test images (the table's ``test_low`` /
+    ``test_high``, where present). The baseline's point (if given) is circled in every panel.
     """
     studies = [s for s in STUDIES if s in set(table["study"])]
     fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 3.4), sharey=True, squeeze=False)
@@ -217,7 +226,15 @@ def plot_ablations(table: pd.DataFrame, title: str, baseline: Setting | None = N
             x = ["θ_i − θ̄" if bool(v) else "θ_i" for v in rows["value"]]
         else:
             x = rows["value"].astype(float).tolist()
-        ax.plot(x, 100 * rows["test_accuracy"], "o-", color="tab:red", label="test")
+        test = 100 * pd.to_numeric(rows["test_accuracy"], errors="coerce")
+        ax.plot(x, test, "o-", color="tab:red", label="test")
+        if "test_low" in rows and "test_high" in rows:
+            low, high = (100 * pd.to_numeric(rows[c], errors="coerce") for c in ("test_low", "test_high"))
+            has = (low.notna() & high.notna()).to_numpy()
+            if has.any():
+                ax.errorbar([v for v, h in zip(x, has) if h], test[has], fmt="none", ecolor="tab:red", capsize=4,
+                            yerr=[(test - low)[has], (high - test)[has]],
+                            label="test, 95 % interval" if ax is axes[0][0] else None)
         ax.plot(x, 100 * rows["heldout_accuracy"], "s--", color="tab:gray", label="held-out")
         if baseline is not None:
             base = rows[rows["setting"] == baseline.name]

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .data import make_loader
-from .evaluation import evaluate
+from .evaluation import evaluate, predict
 from .soup_result import SoupResult
+from .stats import bootstrap_accuracy, paired_difference
 
 if TYPE_CHECKING:  # pragma: no cover
     from .zoo import Zoo
@@ -72,7 +73,12 @@ def bn_comparison(zoo: "Zoo", results_dir: str | Path, methods: Sequence[str], n
             methods without a saved soup (the ensemble, runs that did not fit) are skipped.
     Returns:
         one row per method: ``method``, ``test souped (%)``, ``test re-estimated (%)``, ``held-out souped (%)``,
-        ``held-out re-estimated (%)``, ``test change (points)``.
+        ``held-out re-estimated (%)``, ``test change (points)``; and the 95 % intervals over test images:
+        ``test souped low (%)`` / ``test souped high (%)``, ``test re-estimated low (%)`` /
+        ``test re-estimated high (%)`` (percentile bootstrap of the per-image correctness,
+        :func:`soupkit.stats.bootstrap_accuracy`) and ``test change low (points)`` / ``test change high
+        (points)`` (paired bootstrap over the same images, :func:`soupkit.stats.paired_difference`: an interval
+        containing 0 means re-estimating made no difference this test set can resolve).
     """
     model = zoo.make_model()
     x, _ = zoo.tensors(split, n)
@@ -89,9 +95,18 @@ def bn_comparison(zoo: "Zoo", results_dir: str | Path, methods: Sequence[str], n
         soup = SoupResult.load(folder).state_dict
         fresh = reestimate_bn(model, soup, x, device=device)
         row = {"method": method}
-        for name, loader in loaders.items():
-            row[f"{name} souped (%)"] = 100 * evaluate(model, soup, loader, device)
-            row[f"{name} re-estimated (%)"] = 100 * evaluate(model, fresh, loader, device)
+        correct = {}
+        for label, state in (("souped", soup), ("re-estimated", fresh)):
+            logits, labels = predict(model, state, loaders["test"], device)
+            correct[label] = (logits.argmax(dim=1) == labels).numpy()
+            row[f"test {label} (%)"] = 100 * float(correct[label].mean())
+        for label, state in (("souped", soup), ("re-estimated", fresh)):
+            row[f"held-out {label} (%)"] = 100 * evaluate(model, state, loaders["held-out"], device)
         row["test change (points)"] = row["test re-estimated (%)"] - row["test souped (%)"]
+        for label in ("souped", "re-estimated"):
+            interval = bootstrap_accuracy(correct[label]).scaled(100)
+            row[f"test {label} low (%)"], row[f"test {label} high (%)"] = interval.low, interval.high
+        change = paired_difference(correct["re-estimated"], correct["souped"]).scaled(100)
+        row["test change low (points)"], row["test change high (points)"] = change.low, change.high
         rows.append(row)
     return pd.DataFrame(rows)

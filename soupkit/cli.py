@@ -31,7 +31,7 @@ from .pool import CheckpointPool
 
 __all__ = ["main", "entry", "parse_option", "expand_pool"]
 
-_LEARNED = {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}
+_LEARNED = {"learned", "learned+", "hl", "hl+", "mehl", "mehl+", "mehl+released"}
 _NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
 _NOT_OPTIONS = {"select_loader": "--select-fraction", "device": "--device", "parallel": "--parallel",
                 "progress": "--no-progress", "seed": "--seed"}

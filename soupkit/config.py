@@ -1,17 +1,55 @@
 """Every option of every soup method, and each method's defaults, in one place.
 
-Defaults follow the paper's appendix B and the released code (see NOTES in the README):
+Defaults equal the code each method was published with: model-soups' official code for the baselines
+(``main.py``: best, uniform, greedy, ensemble; ``learned_bylayer.py``: Learned-Soup), the paper's appendix B and
+its released code (``MEHL_soup_layer.py``) for HL/MEHL. Every departure is stated beside its option here and in
+:class:`SoupConfig`.
 
-============  ======  =====  ===========================  ====================================
-method        lr      wd     iterations                   other
-============  ======  =====  ===========================  ====================================
-learned(+)    0.05    0      5 epochs over held-out set   softmax coefficients, learned logit scale
-hl(+)         0.01    0      5 epochs, one block of all K
-mehl(+)       0.01    0      5 epochs per block of b      b = ceil(K/4) (paper: 18 of 72), one pass
-============  ======  =====  ===========================  ====================================
+=============  ====  ==  ===================  ========  =====  =====================================================
+method         lr    wd  inner iterations     schedule  warm   other
+=============  ====  ==  ===================  ========  =====  =====================================================
+learned(+)     0.05  0   5 epochs, all K      constant  0      softmax over models (per tensor for "+"), uniform
+                                                               start, learned logit scale (= learned_bylayer.py)
+hl(+)          0.01  0   5 epochs, 1 block    cosine    20 %   α = 0 start, directions θ_i − θ̄
+mehl(+)        0.01  0   5 epochs per block   cosine    20 %   b = ceil(K/4) (paper: 18 of 72), one outer pass,
+                                                               warm-up + cosine restarted for each block
+mehl+released  0.01  0   5 epochs per block   cosine    20 %   MEHL-Soup+ as released: normalize_directions,
+                                                               recenter, clip_grad_norm=1.0 (see below)
+=============  ====  ==  ===================  ========  =====  =====================================================
 
-All learned soups: AdamW, cosine schedule with 20 % linear warm-up (restarted for each model block),
-coefficients at the uniform soup at the start (softmax logits 0 / hyperplane α = 0).
+best, uniform, greedy and ensemble have no optimiser; greedy soup is model-soups' ``main.py``: models tried by
+held-out accuracy, highest first, the higher index first among equal accuracies, one kept only if the soup's
+held-out accuracy strictly improves (``ties="reject"``). All learned soups use AdamW. Departures from the
+original code, each also noted at its option:
+
+* ``batch_size``: learned_bylayer.py trains on batches of 256; soupkit keeps the held-out loader's batches
+  (None), and its notebooks, ``python -m soupkit`` and ``experiment.RunSpec`` build that loader with 128
+  examples per batch (the released MEHL code's data batch) for every learned soup -- pass ``batch_size=256``
+  (or a loader of 256) to train Learned-Soup(+) exactly as model-soups did.
+* ``learned`` (one weight per model): model-soups released only the layer-wise learned soup; the model-wise one
+  uses the same settings (lr 0.05, constant, logit scale).
+* ``best``: the model of highest held-out accuracy, the FIRST index among equal accuracies (soupkit's tie
+  rule, kept; model-soups' best individual is likewise the model of maximum held-out accuracy).
+  Greedy soup (model-soups' and soupkit's) starts from the HIGHER index among equal accuracies (ascending sort
+  then reverse), so on a tie for the top ``best`` and greedy soup start from different models.
+* ``mehl+`` is the paper's algorithm (Algorithm 1: directions θ_i − θ̄ about the centre of all K, no
+  normalisation, no clipping); ``mehl+released`` is what the released code runs instead.
+
+**The released MEHL-Soup+ variant** (``"mehl+released"``, the option set ``normalize_directions=True,
+recenter=True, clip_grad_norm=1.0`` on the MEHL-Soup+ defaults; ``make_soup("mehl+released", ...)`` equals
+``make_soup("mehl+", ..., normalize_directions=True, recenter=True, clip_grad_norm=1.0)``):
+
+1. per-layer directions (θ_j − c) / ‖θ_j − c‖, the norm taken over each layer (a parameter tensor, or the
+   tensors ``layer_grouping`` puts together); soupkit's one addition: a direction shorter than 1e-6 of the
+   soup's norm in that layer (rounding noise, e.g. a bias no fine-tune changed) gets factor 0 instead of
+   being blown up;
+2. centre c: the mean of the first model block, afterwards the current soup (re-centred for each block);
+3. coefficients start at 0 for each block (the soup is the centre);
+4. the gradient of the loss w.r.t. the soup's weights is clipped to norm 1 before its inner products with the
+   directions;
+5. AdamW lr 0.01, weight decay 0; cosine schedule with 20 % linear warm-up, restarted for each block;
+   5 inner epochs over the held-out set per block; b = ceil(K/4) models per block (the code: 18 of 72);
+   one outer pass; data batch as for every method (128 in soupkit's notebooks, as in the released code).
 """
 from __future__ import annotations
 
@@ -37,24 +75,36 @@ class SoupConfig:
         seed: seeds the order of model blocks (MEHL) and the global torch RNG inside the run (e.g. a shuffling
             held-out loader); the caller's RNG state is restored afterwards. Same seed, same machine: same
             coefficients and accuracies.
-        lr, weight_decay: AdamW settings for the coefficients.
-        epochs: passes over the held-out loader per block of models (inner loop length).
+        lr, weight_decay: AdamW settings for the coefficients. Learned-Soup(+): 0.05, 0 (model-soups'
+            learned_bylayer.py); HL/MEHL(+): 0.01, 0 (paper appendix B, released code).
+        epochs: passes over the held-out loader per block of models (inner loop length); 5 for every learned
+            soup, as in both original codes.
         inner_iterations: inner steps per block; overrides ``epochs`` when given.
         outer_iterations: blocks of models to train (MEHL); default one pass over all K models.
         model_batch_size: b, the models per block (MEHL); default ceil(K / 4); b > K is clamped to K with a
             warning (MEHL with b = K and one block is HL).
-        warmup: fraction of each block's steps spent in linear warm-up.
-        schedule: ``"cosine"`` or ``"constant"`` (after warm-up).
-        batch_size: re-batch the held-out loader to this many examples per step (None keeps its batches).
+        warmup: fraction of each block's steps spent in linear warm-up. Learned-Soup(+): 0 (model-soups
+            imports ``cosine_lr`` in learned_bylayer.py but never calls it); HL/MEHL(+): 0.2, restarted for
+            each block (released code).
+        schedule: ``"cosine"`` or ``"constant"`` (after warm-up). Learned-Soup(+): ``"constant"`` (model-soups:
+            a constant lr); HL/MEHL(+): ``"cosine"`` to 0 (released code).
+        batch_size: re-batch the held-out loader to this many examples per step (None keeps its batches, the
+            default for every method). Departure: model-soups' learned soup uses batches of 256, the released
+            MEHL code 128; soupkit's notebooks, CLI and ``RunSpec`` build a held-out loader of 128 for all
+            learned soups (set 256 for Learned-Soup(+) exactly as model-soups ran it).
         clip_grad_norm: clip the gradient (w.r.t. the soup's weights for HL/MEHL, as the released code does;
-            w.r.t. the logits for Learned-Soup) to this norm; None = no clipping.
-        logit_scale: Learned-Soup also learns a scalar multiplying the logits (as model-soups does).
+            w.r.t. the logits for Learned-Soup) to this norm; None = no clipping (default for every method
+            except ``"mehl+released"``: 1.0, as the released code). model-soups does not clip.
+        logit_scale: Learned-Soup also learns a scalar multiplying the logits (as model-soups does; default
+            True for Learned-Soup(+), unused by the others).
         layer_grouping: which parameter tensors share a coefficient in the "+" methods (see ``layers.py``).
         decentralize: directions θ_i − θ̄ (paper, default) or θ_i themselves (appendix D ablation; then the
             weights start at 1/K and need not sum to one).
-        normalize_directions: divide each direction by its per-layer norm (released code's variant).
+        normalize_directions: divide each direction by its per-layer norm (released code's variant; default
+            False = the paper's Algorithm 1, True for ``"mehl+released"``).
         recenter: use the current soup as the centre of each new block (released code's variant; the first
-            block is centred on its own mean).
+            block is centred on its own mean; default False = centre θ̄ of all K, True for
+            ``"mehl+released"``).
         prefetch: read the next block of models on a background thread while the current one trains (on CUDA
             staged in pinned host memory and copied in one non-blocking transfer).
         direction_dtype: dtype the HL/MEHL directions are stored in (None: ``dtype``); ``torch.bfloat16`` or
@@ -67,7 +117,9 @@ class SoupConfig:
             every this many inner steps instead of every step (no per-step device sync); a divergence is
             still reported with the step it started at. 1 = every step.
         ties: greedy soup's rule for a candidate with held-out accuracy equal to the soup's:
-            ``"reject"`` (model-soups: strict improvement) or ``"accept"``.
+            ``"reject"`` (default, model-soups: strict improvement) or ``"accept"``. (The ORDER in which
+            greedy tries the models is model-soups' and not an option: by held-out accuracy, highest first,
+            the higher index first among equal accuracies.)
         select_loader: optional held-out part used for early stopping: the coefficients with the best
             accuracy on it (checked every ``eval_every`` steps and at the end of each block) are kept.
         eval_every: steps between early-stopping checks.
@@ -159,13 +211,18 @@ def _dtype(name: str, option: str) -> torch.dtype:
     return found
 
 
-_LEARNED = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, logit_scale=True)
-_HYPERPLANE = SoupConfig(lr=0.01, weight_decay=0.0, epochs=5.0)
+# model-soups' learned_bylayer.py: AdamW lr 0.05, wd 0, 5 epochs, constant lr (no warm-up), learned logit scale
+_LEARNED = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, schedule="constant", warmup=0.0, logit_scale=True)
+# paper appendix B / released MEHL code: AdamW lr 0.01, wd 0, 5 epochs per block, cosine with 20 % warm-up
+_HYPERPLANE = SoupConfig(lr=0.01, weight_decay=0.0, epochs=5.0, schedule="cosine", warmup=0.2)
+# the released MEHL-Soup+ code (MEHL_soup_layer.py); described in full in the module docstring
+_RELEASED = replace(_HYPERPLANE, normalize_directions=True, recenter=True, clip_grad_norm=1.0)
 
 DEFAULTS: dict[str, SoupConfig] = {
     "best": SoupConfig(), "uniform": SoupConfig(), "greedy": SoupConfig(), "ensemble": SoupConfig(),
     "learned": _LEARNED, "learned+": _LEARNED,
     "hl": _HYPERPLANE, "hl+": _HYPERPLANE, "mehl": _HYPERPLANE, "mehl+": _HYPERPLANE,
+    "mehl+released": _RELEASED,
 }
 
 

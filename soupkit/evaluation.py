@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:  # pragma: no cover
     from .methods import SoupResult
 
-__all__ = ["evaluate", "predict", "accuracy", "eval_mode", "forward_state"]
+__all__ = ["evaluate", "soup_logits", "predict", "accuracy", "eval_mode", "forward_state"]
 
 
 @contextmanager
@@ -58,12 +58,12 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
-def evaluate(model: nn.Module, soup: Union["SoupResult", Mapping[str, Tensor]], loader: Iterable,
-             device: str | torch.device | None = None, progress: bool = False) -> float:
-    """Top-1 accuracy on ``loader`` of a :class:`SoupResult` (the ensemble included) or a state dict.
+def soup_logits(model: nn.Module, soup: Union["SoupResult", Mapping[str, Tensor]], loader: Iterable,
+                device: str | torch.device | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Logits ``[N, C]`` and labels ``[N]`` over ``loader`` of a :class:`SoupResult` (the ensemble included: the
+    weighted mean of its members' logits, one member read at a time) or of a state dict.
 
-    The ensemble averages the logits of its members, reading one model at a time; ``loader`` must then
-    yield its batches in the same order on every pass (no shuffling).
+    For an ensemble ``loader`` must yield its batches in the same order on every pass (no shuffling).
     """
     from .methods import SoupResult  # noqa: PLC0415  (methods imports this module)
 
@@ -82,6 +82,12 @@ def evaluate(model: nn.Module, soup: Union["SoupResult", Mapping[str, Tensor]], 
                 if labels is not None and not torch.equal(labels, y):
                     raise ValueError("the loader changed its order between passes: use shuffle=False")
                 labels = y
-            return accuracy(total, labels)
+            return total, labels
         soup = soup.state_dict
-    return accuracy(*predict(model, soup, loader, device or "cpu", progress))
+    return predict(model, soup, loader, device or "cpu", progress)
+
+
+def evaluate(model: nn.Module, soup: Union["SoupResult", Mapping[str, Tensor]], loader: Iterable,
+             device: str | torch.device | None = None, progress: bool = False) -> float:
+    """Top-1 accuracy on ``loader`` of a :class:`SoupResult` (the ensemble included) or a state dict."""
+    return accuracy(*soup_logits(model, soup, loader, device, progress))

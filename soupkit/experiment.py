@@ -23,15 +23,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import make_loader
-from .evaluation import evaluate
-from .io import atomic_write_json
+from .evaluation import accuracy, soup_logits
+from .io import atomic_write_json, atomic_write_text
 from .memory import MemoryCapExceeded
+from .numerics import numerics_info
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
 from .sources import open_zoo
 from .zoo import Zoo
 
-__all__ = ["RunSpec", "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated",
+__all__ = ["RunSpec", "predictions_path", "write_predictions", "read_correct", "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated",
            "run_methods"]
 
 
@@ -127,6 +128,30 @@ def zoo_regime(zoo: Any, uniform_test_accuracy: float) -> pd.Series:
     return pd.Series(rows, name="test accuracy (%)").mul(100).round(2)
 
 
+def predictions_path(record: str | os.PathLike) -> Path:
+    """Where the per-image test predictions of the run whose record is ``record`` (``x.json``) live:
+    ``x.predictions.csv``."""
+    record = Path(record)
+    return record.with_name(f"{record.stem}.predictions.csv")
+
+
+def write_predictions(record: str | os.PathLike, labels: torch.Tensor, predicted: torch.Tensor) -> Path:
+    """Write ``labels [N]`` and ``predicted [N]`` (test-set order) beside ``record``, atomically."""
+    lines = ["label,prediction"] + [f"{int(y)},{int(p)}" for y, p in zip(labels.tolist(), predicted.tolist())]
+    return atomic_write_text(predictions_path(record), "\n".join(lines) + "\n")
+
+
+def read_correct(record: str | os.PathLike) -> "np.ndarray":
+    """``[N]`` bool: which test images the run of ``record`` classified correctly (from its predictions file)."""
+    import numpy as np  # noqa: PLC0415
+
+    path = predictions_path(record)
+    if not path.is_file():
+        raise FileNotFoundError(f"no per-image predictions {path} for record {record}: rerun the method")
+    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    return table[:, 0] == table[:, 1]
+
+
 def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     """Run ``spec`` in this process; write and return its record (accuracies as fractions)."""
     zoo = open_zoo(spec.zoo_dir)
@@ -136,7 +161,8 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     loaders = zoo_loaders(zoo, spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction,
                           spec.seed)
     options = {"progress": progress, "seed": spec.seed, "device": spec.device, **spec.options}
-    if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+"}:
+    if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+",
+                                                         "mehl+released"}:
         options["select_loader"] = loaders["select"]
     base = {k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")}
     if spec.memory_cap_mb:
@@ -150,14 +176,18 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
                   "heldout_accuracy": None, "peak_memory_bytes": seen, "note": str(err).splitlines()[0]}
         atomic_write_json(spec.record, record)
         return record
+    test_logits, test_labels = soup_logits(model, result, loaders["test"], spec.device)
+    write_predictions(spec.record, test_labels, test_logits.argmax(dim=1))
     record = {
         **base,
         "status": "ok",
         "num_models": len(pool),
-        "test_accuracy": evaluate(model, result, loaders["test"], spec.device),
-        "heldout_accuracy": evaluate(model, result, loaders["heldout"], spec.device),
+        "test_accuracy": accuracy(test_logits, test_labels),
+        "heldout_accuracy": accuracy(*soup_logits(model, result, loaders["heldout"], spec.device)),
+        "test_images": len(test_labels),
+        "predictions": predictions_path(spec.record).name,
         **{k: v for k, v in result.stats.items() if not isinstance(v, (list, dict))},
-        "torch_threads": torch.get_num_threads(),
+        **numerics_info(),
     }
     if "chosen" in result.stats:
         record["chosen"] = [indices[i] for i in result.stats["chosen"]]

@@ -42,7 +42,12 @@ def _one_hot(k: int, i: int) -> Tensor:
 
 
 def best_model(model, pool, loader, cfg) -> SoupResult:
-    """The model with the highest held-out accuracy (first one on ties)."""
+    """The model with the highest held-out accuracy; among equal accuracies the first (lowest index).
+
+    model-soups' best individual model is likewise the maximum held-out accuracy; the first-on-ties rule is
+    soupkit's. Greedy soup orders ties the other way (higher index first, as model-soups does), so on a tie for
+    the top the two start from different models.
+    """
     accs = _accuracies(model, pool, loader, cfg)
     i = max(range(len(accs)), key=lambda j: (accs[j], -j))
     state = {k: v.clone() for k, v in pool.load(i, cfg.device, cfg.dtype).items()}
@@ -57,9 +62,15 @@ def uniform_soup(model, pool, loader, cfg) -> SoupResult:
 
 
 def greedy_soup(model, pool, loader, cfg) -> SoupResult:
-    """model-soups' greedy soup: in order of held-out accuracy, keep a model if the soup's accuracy improves."""
+    """model-soups' greedy soup: in order of held-out accuracy, keep a model if the soup's accuracy improves.
+
+    The order is model-soups' (``main.py``: sort by held-out accuracy ascending, then reverse): highest accuracy
+    first and, among equal accuracies, the HIGHER index first. The first model starts the soup; each next one
+    is kept only if the running average's held-out accuracy strictly improves (``cfg.ties="reject"``, the
+    original; ``"accept"`` also keeps it on equality).
+    """
     accs = _accuracies(model, pool, loader, cfg)
-    order = sorted(range(len(pool)), key=lambda j: (-accs[j], j))
+    order = sorted(range(len(pool)), key=lambda j: (-accs[j], -j))
     # running sum of the chosen models; a copy, as the pool may hand out the caller's own tensors
     total = {k: v.clone() for k, v in pool.load(order[0], cfg.device, cfg.dtype).items()}
     chosen, soup_acc, history = [order[0]], accs[order[0]], [accs[order[0]]]
@@ -108,9 +119,15 @@ class Method:
     resumable: bool = False
 
 
-def _hyperplane(layerwise: bool, blockwise: bool, description: str) -> Method:
-    return Method(lambda *a: hyperplane_soup(*a, layerwise=layerwise, blockwise=blockwise), description,
-                  resumable=True)
+def _hyperplane(layerwise: bool, blockwise: bool, description: str, name: str | None = None) -> Method:
+    """An HL/MEHL method; ``name`` renames its result (a named option set of another method, see config.py)."""
+    def run(*a) -> SoupResult:
+        result = hyperplane_soup(*a, layerwise=layerwise, blockwise=blockwise)
+        if name is not None:
+            result.name = name
+        return result
+
+    return Method(run, description, resumable=True)
 
 
 METHODS: dict[str, Method] = {
@@ -123,6 +140,8 @@ METHODS: dict[str, Method] = {
     "hl+": _hyperplane(True, False, "HL-Soup+: per layer"),
     "mehl": _hyperplane(False, True, "MEHL-Soup: blocks of b"),
     "mehl+": _hyperplane(True, True, "MEHL-Soup+: per layer"),
+    "mehl+released": _hyperplane(True, True, "MEHL-Soup+ as in the released code: per-layer normalised directions, "
+                                 "re-centred on the soup, gradient clipped at 1", name="mehl+released"),
     "ensemble": Method(ensemble, "ensemble: average of the K models' logits", uses_data=False,
                        reads_all_first=False),
 }

@@ -11,10 +11,14 @@ A preset is ``presets/<name>.yaml``::
     common: {num_models: 32}           # given to every notebook that declares the parameter
     notebooks:
       02_main_table: {heldout_size: 1000}
+    only: [10_seeds]                   # optional: run just these (default: every notebook but EXTRA)
 
 Only parameters a notebook declares in its ``parameters`` cell are passed to it. Executed notebooks go to
-``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>``, and figures under ``figures/`` for
-the embedded preset (the committed ones) or ``<out>/figures/`` for any other.
+``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>`` and their figures and tables under
+``<out>/figures/``, so a run never changes a tracked file. ``--update-committed`` (the maintainers' refresh of
+the committed results, for the presets in ``COMMITTED_FIGURES``) draws them under ``figures/`` instead and copies
+each executed notebook over ``notebooks/``.
+``EXTRA`` notebooks (10, the multi-seed study) run only when a preset's ``only`` or ``--only`` names them.
 
 With ``jobs > 1`` notebooks whose inputs are ready run side by side (``DEPENDS``: the zoo notebooks 01, 03 and
 09 need nothing, 05 reads 02's soups, the rest read 01's zoo), each kernel with ``cpu_count // jobs`` torch
@@ -34,7 +38,8 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["NOTEBOOKS", "DEPENDS", "stages", "load_preset", "notebook_parameters", "run_notebooks", "main"]
+__all__ = ["NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "stages", "load_preset", "notebook_parameters",
+           "run_notebooks", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -42,13 +47,22 @@ PRESET_DIR = ROOT / "presets"
 # dependency order: the zoo first, then everything that reads it
 NOTEBOOKS = [
     "01_zoo", "02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
-    "07_ablations", "08_heldout_size", "09_resnet",
+    "07_ablations", "08_heldout_size", "09_resnet", "10_seeds", "11_claims",
 ]
+# run only when named, by a preset's ``only`` list or by --only (longer than a default run; `make test`'s nbval
+# groups, --stages, leave them out too)
+EXTRA: tuple[str, ...] = ("10_seeds",)
 # what each notebook reads from another's outputs (all others build their own inputs)
 DEPENDS: dict[str, tuple[str, ...]] = {
     "02_main_table": ("01_zoo",), "04_top_models": ("01_zoo",), "05_coefficients": ("02_main_table",),
     "06_finetuning_cost": ("01_zoo",), "07_ablations": ("01_zoo",), "08_heldout_size": ("01_zoo",),
+    "10_seeds": (),  # builds its own zoos
+    # the claims read every study's records (and notebook 10's when they exist, e.g. committed before)
+    "11_claims": ("02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
+                  "07_ablations", "09_resnet"),
 }
+# presets whose results are the committed ones (figures/ and notebooks/, refreshed with --update-committed)
+COMMITTED_FIGURES: tuple[str, ...] = ("embedded", "seeds")
 
 
 def stages(names: Sequence[str] | None = None) -> list[list[str]]:
@@ -73,10 +87,10 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"preset {name_or_path!r} not found (known presets: {known})")
     preset = yaml.safe_load(path.read_text()) or {}
-    extra = sorted(set(preset) - {"description", "common", "notebooks"})
+    extra = sorted(set(preset) - {"description", "common", "notebooks", "only"})
     if extra:
         raise ValueError(f"{path} is not a runner preset (unexpected keys {extra[:3]}...): a runner preset has "
-                         "'description', 'common' and 'notebooks'; see presets/README.md")
+                         "'description', 'common', 'notebooks' and optionally 'only'; see presets/README.md")
     preset.setdefault("common", {})
     preset.setdefault("notebooks", {})
     return preset
@@ -101,10 +115,12 @@ def notebook_parameters(preset: str, name: str) -> dict[str, Any]:
 
 
 def _commit_copy(executed: Path, source: Path) -> None:
-    """Copy an executed notebook over its source, without papermill's record of this machine's paths."""
+    """Copy an executed notebook over its source, without papermill's record of this machine's paths and
+    without its injected-parameters cell (committed, it would override a user's edits of the parameters cell)."""
     import nbformat  # noqa: PLC0415
 
     nb = nbformat.read(executed, as_version=4)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     record = nb.metadata.get("papermill", {})
     for key in ("input_path", "output_path"):
         if key in record:
@@ -119,8 +135,8 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     Args:
         preset: preset name or YAML path.
         out: output folder (CSV/JSON records, executed notebooks).
-        only: names of the notebooks to run (default: all that exist); their inputs from notebooks left out
-            must already be under ``out``.
+        only: names of the notebooks to run (default: the preset's ``only`` list, else all that exist but
+            ``EXTRA``); their inputs from notebooks left out must already be under ``out``.
         update_committed: copy each executed notebook back over ``notebooks/<name>.ipynb`` (to refresh the
             committed outputs that nbval checks).
         jobs: notebooks run at once (each kernel then gets ``cpu_count // jobs`` torch threads).
@@ -134,13 +150,19 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     spec = load_preset(preset)
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    figures = ROOT / "figures" if Path(preset).stem == "embedded" else out / "figures"
+    if update_committed and Path(preset).stem not in COMMITTED_FIGURES:
+        raise ValueError(f"--update-committed refreshes the committed results of {list(COMMITTED_FIGURES)}, "
+                         f"not of preset {preset!r}")
+    figures = ROOT / "figures" if update_committed else out / "figures"
     names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+    only = only or spec.get("only")
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise ValueError(f"unknown notebook(s) {unknown}; available: {names}")
         names = [n for n in names if n in only]
+    else:
+        names = [n for n in names if n not in EXTRA]
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if jobs > 1:  # kernels inherit the environment: keep jobs x threads within the machine's cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -155,7 +177,7 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
         # a path relative to the notebooks folder, so executed notebooks never carry this machine's paths
         params["out_dir"] = os.path.relpath(out, NOTEBOOK_DIR)
-        # the committed figures/ are those of the embedded default; other scales draw theirs under <out>
+        # figures/ holds the committed results (--update-committed); any other run draws under <out>
         params["figures_dir"] = os.path.relpath(figures, NOTEBOOK_DIR)
         declared = _declared_parameters(source)
         params = {key: value for key, value in params.items() if key in declared}
@@ -215,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="embedded", help="preset name (presets/<name>.yaml) or path")
     parser.add_argument("--out", default="outputs", help="output folder")
-    parser.add_argument("--only", nargs="*", help="notebook names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="notebook names to run (default: the preset's `only`, else all "
+                        "but EXTRA)")
     parser.add_argument("--update-committed", action="store_true",
                         help="copy executed notebooks back into notebooks/ (refreshes committed outputs)")
     parser.add_argument("--kernel", default="python3")
@@ -229,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
         print(yaml.safe_dump(notebook_parameters(args.preset, args.params), sort_keys=False), end="")
         return []
     if args.stages:
-        existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+        existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists() and n not in EXTRA]
         for group in stages(existing):
             print(" ".join(f"notebooks/{n}.ipynb" for n in group))
         return []

@@ -5,6 +5,11 @@ Each study is a loop of :func:`soupkit.experiment.run_methods` over one setting 
 fine-tuned, held-out images) that writes ``<out_dir>/<setting>/<method>.json`` and ``<out_dir>/records.csv``
 (one row per run, the setting in its own column); the tables and figures are drawn from that file.
 
+Every test accuracy carries its 95 % interval over test images: each row of ``records.csv`` has its record's
+path (``record_path``) and the percentile-bootstrap bounds ``test_low`` / ``test_high`` (fractions) of the
+per-image predictions kept beside the record (:func:`soupkit.results.with_test_intervals`); tables show them
+as ``... low (%)`` / ``... high (%)`` columns and figures as shaded bands.
+
     records = top_models_study("outputs/zoo", "outputs/top_models", [0, 10, 19], heldout_size=1000)
     fig = plot_top_models(read_csv("outputs/top_models/records.csv"), "Embedded zoo")
 """
@@ -21,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .experiment import RunSpec, run_method, run_methods, zoo_table
-from .results import DISPLAY, write_csv
+from .results import DISPLAY, with_test_intervals, write_csv
 from .soup_result import SoupResult
 from .sources import open_zoo
 
@@ -33,7 +38,8 @@ __all__ = [
 
 PAPER_MODELS = 72  # fine-tunes of the paper's ViT-B/32 zoo (model-soups' checkpoints)
 _COLOURS = {"greedy": "tab:gray", "learned+": "tab:blue", "learned": "tab:cyan", "hl+": "tab:purple",
-            "mehl+": "tab:red", "mehl": "tab:orange", "uniform": "tab:olive", "best": "black"}
+            "mehl+": "tab:red", "mehl+released": "tab:pink", "mehl": "tab:orange", "uniform": "tab:olive",
+            "best": "black"}
 
 
 def parse_list(text: str, cast: Callable[[str], Any] = int) -> list[Any]:
@@ -99,7 +105,8 @@ def _sweep(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: Seq
            methods: Sequence[str], options: dict[str, dict[str, Any]] | None, progress: bool,
            **spec_fields: Any) -> pd.DataFrame:
     """Run ``methods`` once per setting ``(name, {column: value, ..., "spec": {RunSpec fields}})`` in this
-    process; records go to ``<out_dir>/<name>/``, all of them to ``<out_dir>/records.csv``."""
+    process; records go to ``<out_dir>/<name>/``, all of them to ``<out_dir>/records.csv`` with each record's
+    ``record_path`` and its test interval ``test_low`` / ``test_high`` (fractions, NaN for runs that did not fit)."""
     rows = []
     k_all = len(open_zoo(zoo_dir).records)  # once: opening a zoo checks every checkpoint's sha256
     for name, setting in settings:
@@ -113,8 +120,9 @@ def _sweep(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: Seq
                   for m, o in (options or {}).items()}
         records = run_methods(zoo_dir, Path(out_dir) / name, methods, isolate=False, progress=False,
                               options=fitted, **spec)
-        rows += [{**columns, **record} for record in records]
-    frame = pd.DataFrame(rows)
+        rows += [{**columns, **record, "record_path": str(Path(out_dir) / name / f"{record['method']}.json")}
+                 for record in records]
+    frame = with_test_intervals(rows)
     write_csv(frame, Path(out_dir) / "records.csv")
     return frame
 
@@ -135,7 +143,8 @@ def top_models_study(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, cou
         **spec_fields: other :class:`~soupkit.experiment.RunSpec` fields (``batch_size``, ``seed``...).
     Returns:
         one record per (count, method) with ``eliminated`` (n), ``eliminated_models`` (zoo indices, best
-        first), ``paper_eliminated`` (if given) and the run's record (``test_accuracy``, ``num_models``...).
+        first), ``paper_eliminated`` (if given), the run's record (``test_accuracy``, ``num_models``...),
+        ``record_path`` and ``test_low`` / ``test_high``.
     """
     if paper_counts is not None and len(paper_counts) != len(counts):
         raise ValueError(f"{len(counts)} counts but {len(paper_counts)} paper counts")
@@ -153,18 +162,34 @@ def top_models_study(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, cou
     return _sweep(zoo_dir, out_dir, settings, methods, options, progress, heldout_size=heldout_size, **spec_fields)
 
 
+def _wide(records: pd.DataFrame, index: str, value: str) -> pd.DataFrame:
+    """``records[value]`` with one row per ``index`` (sorted) and one column per method (first-seen order); NaN
+    where a run has none (a run that did not fit, no predictions)."""
+    methods = list(dict.fromkeys(records["method"]))
+    values = pd.to_numeric(records[value], errors="coerce")
+    wide = values.groupby([records[index], records["method"]]).mean().unstack("method")
+    return wide.reindex(columns=methods).sort_index()
+
+
 def top_models_table(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     """Test accuracy (%) per number of eliminated models (rows) and method (columns), the paper's beside.
+
+    Each method's ``<Method> (%)`` column is followed by ``<Method> low (%)`` and ``<Method> high (%)``: its
+    95 % percentile-bootstrap interval over test images (:func:`soupkit.results.with_test_intervals`; NaN
+    where the run kept no predictions).
 
     Args:
         records: :func:`top_models_study` records (or its ``records.csv``).
         paper: ``paper_table("table3_top_models")`` (eliminated, method, test_accuracy in %); matched to our
             rows through the records' ``paper_eliminated`` column.
     """
-    ours = records.pivot_table(index="eliminated", columns="method", values="test_accuracy", sort=True) * 100
-    ours = ours[list(dict.fromkeys(records["method"]))]
-    ours.columns = [f"{DISPLAY.get(m, m)} (%)" for m in ours.columns]
-    table = ours.reset_index()
+    records = with_test_intervals(records)
+    acc, low, high = (_wide(records, "eliminated", v) * 100 for v in ("test_accuracy", "test_low", "test_high"))
+    columns = {}
+    for m in acc.columns:
+        name = DISPLAY.get(m, m)
+        columns[f"{name} (%)"], columns[f"{name} low (%)"], columns[f"{name} high (%)"] = acc[m], low[m], high[m]
+    table = pd.DataFrame(columns, index=acc.index).reset_index()
     first = records.groupby("eliminated").first()
     table.insert(1, "models left", first["num_models"].loc[table["eliminated"]].to_numpy())
     if paper is not None and "paper_eliminated" in records:
@@ -207,7 +232,8 @@ def finetuning_cost_study(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike
 
     Returns:
         one record per (n, method) with ``num_finetuned``, ``finetune_seconds`` (the zoo's measured
-        fine-tuning seconds of those n models) and the run's record.
+        fine-tuning seconds of those n models), the run's record, ``record_path`` and ``test_low`` /
+        ``test_high`` (95 % interval over test images, fractions).
     """
     seconds = [r.get("finetune_seconds") for r in open_zoo(zoo_dir).records]
     if seconds_per_model:
@@ -251,27 +277,58 @@ def heldout_size_study(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, s
 
     Returns:
         one record per (n, method); the record's ``heldout_size`` is n and ``heldout_accuracy`` is measured
-        on those n images, so ``heldout_accuracy - test_accuracy`` shows over-fitting of the held-out set.
+        on those n images, so ``heldout_accuracy - test_accuracy`` shows over-fitting of the held-out set;
+        ``record_path`` and ``test_low`` / ``test_high`` as in the other studies.
     """
     settings = [(f"heldout{n}", {"spec": {"heldout_size": int(n)}}) for n in sizes]
     return _sweep(zoo_dir, out_dir, settings, methods, options, progress, **spec_fields)
 
 
 def heldout_size_table(records: pd.DataFrame) -> pd.DataFrame:
-    """Test and held-out accuracy (%) per held-out size (rows) and method (column pairs)."""
-    table = records.pivot_table(index="heldout_size", columns="method",
-                                values=["test_accuracy", "heldout_accuracy"], sort=True) * 100
-    methods = list(dict.fromkeys(records["method"]))
+    """Test and held-out accuracy (%) per held-out size (rows) and method: ``<Method> test (%)``, its 95 %
+    interval over test images ``<Method> test low (%)`` / ``<Method> test high (%)``
+    (:func:`soupkit.results.with_test_intervals`), then ``<Method> held-out (%)`` (the images the soup learned
+    from: no interval, it is not an estimate of accuracy on new images)."""
+    records = with_test_intervals(records)
+    wide = {v: _wide(records, "heldout_size", v) * 100
+            for v in ("test_accuracy", "test_low", "test_high", "heldout_accuracy")}
     columns = {}
-    for m in methods:
-        columns[f"{DISPLAY.get(m, m)} test (%)"] = table[("test_accuracy", m)]
-        columns[f"{DISPLAY.get(m, m)} held-out (%)"] = table[("heldout_accuracy", m)]
-    return pd.DataFrame(columns).reset_index()
+    for m in wide["test_accuracy"].columns:
+        name = DISPLAY.get(m, m)
+        columns[f"{name} test (%)"] = wide["test_accuracy"][m]
+        columns[f"{name} test low (%)"] = wide["test_low"][m]
+        columns[f"{name} test high (%)"] = wide["test_high"][m]
+        columns[f"{name} held-out (%)"] = wide["heldout_accuracy"][m]
+    return pd.DataFrame(columns, index=wide["test_accuracy"].index).reset_index()
 
 
 # ---- figures --------------------------------------------------------------------------------------------------
-def _line(ax: plt.Axes, x: Sequence[float], y: Sequence[float], method: str, **kw: Any) -> None:
-    ax.plot(x, y, marker="o", color=_COLOURS.get(method), label=DISPLAY.get(method, method), **kw)
+def _line(ax: plt.Axes, x: Sequence[float], y: Sequence[float], method: str, **kw: Any) -> str:
+    """One method's line; returns its colour."""
+    (line,) = ax.plot(x, y, marker="o", color=_COLOURS.get(method), label=DISPLAY.get(method, method), **kw)
+    return line.get_color()
+
+
+def _test_line(ax: plt.Axes, rows: pd.DataFrame, x: str, method: str) -> bool:
+    """The method's test accuracy (%) against ``rows[x]`` with its 95 % interval over test images as a shaded
+    band (where the rows have ``test_low`` / ``test_high``); whether a band was drawn."""
+    colour = _line(ax, rows[x], 100 * rows["test_accuracy"], method)
+    if "test_low" not in rows or "test_high" not in rows:
+        return False
+    low, high = (pd.to_numeric(rows[c], errors="coerce") for c in ("test_low", "test_high"))
+    has = low.notna() & high.notna()
+    if not has.any():
+        return False
+    ax.fill_between(rows[x].to_numpy(dtype=float), 100 * low.to_numpy(dtype=float), 100 * high.to_numpy(dtype=float),
+                    where=has.to_numpy(), color=colour, alpha=0.15, lw=0,
+                    interpolate=False)
+    # a lone point (its neighbours have no interval) has no band to span: an error bar instead
+    lone = has & ~(has.shift(1, fill_value=False) | has.shift(-1, fill_value=False))
+    if lone.any():
+        y = 100 * pd.to_numeric(rows["test_accuracy"], errors="coerce")[lone]
+        ax.errorbar(rows[x][lone], y, yerr=[y - 100 * low[lone], 100 * high[lone] - y], fmt="none",
+                    ecolor=colour, alpha=0.5, capsize=3)
+    return True
 
 
 def _finish(fig: plt.Figure, ax: plt.Axes, title: str) -> plt.Figure:
@@ -283,18 +340,23 @@ def _finish(fig: plt.Figure, ax: plt.Axes, title: str) -> plt.Figure:
 
 
 def plot_top_models(records: pd.DataFrame, title: str, paper: pd.DataFrame | None = None) -> plt.Figure:
-    """Test accuracy against the number of top models eliminated: ours (left), the paper's (right)."""
+    """Test accuracy against the number of top models eliminated: ours (left, shaded: the 95 % interval over
+    test images of each run, from the records' ``test_low`` / ``test_high``), the paper's (right)."""
+    records = with_test_intervals(records)
     panels = 2 if paper is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     k = int((records["num_models"] + records["eliminated"]).iloc[0])  # models in the whole zoo
     for (ax, frame, name) in zip(axes[0], [records] + ([paper] if paper is not None else []), [f"{k}", "72"]):
-        scale = 100 if frame is records else 1  # records hold fractions, the paper's table %
+        banded = False
         for method, rows in frame.groupby("method", sort=False):
             rows = rows.sort_values("eliminated")
-            _line(ax, rows["eliminated"], scale * rows["test_accuracy"], method)
+            if frame is records:  # records hold fractions, the paper's table %
+                banded |= _test_line(ax, rows, "eliminated", method)
+            else:
+                _line(ax, rows["eliminated"], rows["test_accuracy"], method)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"top models eliminated (of {name})")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%)" + (", band: 95 % interval" if banded else ""))
         ax.set_title("ours" if frame is records else "paper (ViT-B/32, ImageNet)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -305,27 +367,33 @@ def plot_top_models(records: pd.DataFrame, title: str, paper: pd.DataFrame | Non
 
 def plot_finetuning_cost(records: pd.DataFrame, title: str, target: float | None = None) -> plt.Figure:
     """Test accuracy against the measured cumulative fine-tuning seconds, one line per method, each point
-    labelled with its number of fine-tuned models; ``target`` (fraction) draws a dashed level."""
+    labelled with its number of fine-tuned models, shaded: the 95 % interval over test images (records'
+    ``test_low`` / ``test_high``); ``target`` (fraction) draws a dashed level."""
+    records = with_test_intervals(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    banded = False
     for method, rows in records.groupby("method", sort=False):
         rows = rows.sort_values("num_finetuned")
-        _line(ax, rows["finetune_seconds"], 100 * rows["test_accuracy"], method)
+        banded |= _test_line(ax, rows, "finetune_seconds", method)
         for x, y, n in zip(rows["finetune_seconds"], 100 * rows["test_accuracy"], rows["num_finetuned"]):
             ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
                         color=_COLOURS.get(method))
     if target is not None:
         ax.axhline(100 * target, color="black", ls="--", lw=0.8, label=f"target {100 * target:.2f} %")
     ax.set_xlabel("fine-tuning cost of these models: measured seconds (zoo records), cumulative")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" + (", band: 95 % interval" if banded else ""))
     return _finish(fig, ax, title)
 
 
 def plot_heldout_size(records: pd.DataFrame, title: str) -> plt.Figure:
-    """Test accuracy (solid) and held-out accuracy (dashed) against the held-out size (log scale)."""
+    """Test accuracy (solid, shaded: its 95 % interval over test images) and held-out accuracy (dashed)
+    against the held-out size (log scale)."""
+    records = with_test_intervals(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    banded = False
     for method, rows in records.groupby("method", sort=False):
         rows = rows.sort_values("heldout_size")
-        _line(ax, rows["heldout_size"], 100 * rows["test_accuracy"], method)
+        banded |= _test_line(ax, rows, "heldout_size", method)
         ax.plot(rows["heldout_size"], 100 * rows["heldout_accuracy"], ls="--", marker=".", alpha=0.6,
                 color=_COLOURS.get(method))
     sizes = sorted(records["heldout_size"].unique())
@@ -333,5 +401,5 @@ def plot_heldout_size(records: pd.DataFrame, title: str) -> plt.Figure:
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
     ax.set_xlabel("held-out images (class-balanced)")
-    ax.set_ylabel("accuracy (%): test solid, held-out dashed")
+    ax.set_ylabel("accuracy (%): test solid" + (" (band: 95 %)" if banded else "") + ", held-out dashed")
     return _finish(fig, ax, title)

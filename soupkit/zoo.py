@@ -7,7 +7,9 @@ Files in ``out_dir``:
 - ``backbone.safetensors``: pre-trained backbone + LP head (the common start of every fine-tune);
 - ``model_{i:03d}.safetensors``: fine-tune i (state dict of ``models.ViTClassifier``);
 - ``models.jsonl``: one JSON line per fine-tune (index, file, sha256, hparams, heldout_acc, test_acc,
-  finetune_seconds).
+  finetune_seconds);
+- ``<split_name>_seed<s>.json``: only with ``ZooConfig.split_seed = s``, the zoo's own split file (same format
+  as the committed ``data/splits`` files, drawn with ``data.make_splits``).
 
 Resuming: a model counts as built only if its line in ``models.jsonl`` exists and the file's sha256
 matches it; anything else is retrained. Model i's hyper-parameters depend only on (search_seed, i),
@@ -48,13 +50,15 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from soupkit import zoo_files as files
-from soupkit.data import DEFAULT_SPLIT_NAME, DEFAULT_SPLITS_DIR, TASKS, Splits, load_splits, load_task, to_tensor
+from soupkit.data import (DEFAULT_SPLIT_NAME, DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_splits, load_task,
+                          regenerate_splits, split_path, to_tensor)
 from soupkit.models import ModelConfig, ViTClassifier, ViTConfig, build_classifier, model_config_from_dict
 from soupkit.zoo_recipe import PRETRAIN_FIELDS, PRETRAIN_SOURCES, load_train_data, pretrain_and_probe
 from soupkit.zoo_recipe import accuracy as _accuracy
 from soupkit.zoo_recipe import train as _train  # looked up here at each call: tests count fine-tunes
 
 __all__ = ["ZooConfig", "FinetuneHParams", "sample_hparams", "ZooMismatchError", "Zoo", "build_zoo", "load_zoo",
+           "seeded_split_name", "zoo_splits",
            "PRETRAIN_SOURCES", "TASKS"]
 
 FORMAT_VERSION = 1
@@ -67,6 +71,10 @@ class ZooConfig:
     k: int = 32
     model: ModelConfig = field(default_factory=ViTConfig)  # a ViTConfig or a ResNetConfig
     split_name: str = DEFAULT_SPLIT_NAME
+    # None: the committed split file ``split_name``; an int: splits drawn afresh with
+    # ``data.make_splits(labels, <the committed file's sizes>, split_seed)``, written inside the zoo folder
+    # (``seeded_split_name``). The committed file is split seed 0, so split_seed=0 gives the same images.
+    split_seed: int | None = None
     # The fine-tuning task (soupkit.data.TASKS): its images fill the fine-tune / held-out / test splits;
     # pre-training always uses the clean images, so zoos of several tasks can share one backbone.
     task: str = "animal_mnist"
@@ -183,10 +191,29 @@ class Zoo:
     def tensors(self, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images x [n, C, H, W] float32 and labels y [n] int64 of the zoo's task (CPU), for a split of the
         zoo's split file (``finetune``, ``heldout``, ``test``...); n = a class-balanced prefix, None = all."""
-        splits = load_splits(name=self.config.split_name)
+        splits = zoo_splits(self.out_dir, self.config)
         images, labels = load_task(self.config.task)
         idx = splits.subset(split, n)
         return to_tensor(images[idx], self.config.model.in_channels), torch.from_numpy(labels[idx])
+
+
+def seeded_split_name(config: ZooConfig) -> str:
+    """Name of the split file of a zoo with ``config.split_seed`` set (in its folder): ``<split_name>_seed<s>``."""
+    return f"{config.split_name}_seed{config.split_seed}"
+
+
+def zoo_splits(out_dir: str | Path, config: ZooConfig, splits_dir: str | Path = DEFAULT_SPLITS_DIR,
+               create: bool = False) -> Splits:
+    """The splits of the zoo in ``out_dir``: the committed file ``splits_dir/<split_name>.json`` when
+    ``config.split_seed`` is None, else ``out_dir/<seeded_split_name>.json`` (with ``create``: written first if
+    missing, with the committed file's sizes)."""
+    if config.split_seed is None:
+        return load_splits(splits_dir, config.split_name)
+    name = seeded_split_name(config)
+    if create and not split_path(out_dir, name).is_file():
+        sizes = json.loads(split_path(splits_dir, config.split_name).read_text())["sizes"]
+        regenerate_splits(out_dir, name, SplitSizes(**sizes), seed=config.split_seed)
+    return load_splits(out_dir, name)
 
 
 def _mismatch(info: dict[str, Any], config: ZooConfig, splits: Splits) -> list[str]:
@@ -220,7 +247,7 @@ def _threads(n: int | None) -> Iterator[None]:
 def _shared_backbone(source: str | Path, config: ZooConfig) -> dict[str, torch.Tensor]:
     """The ``backbone.*`` tensors of the zoo in ``source``, refused unless its pre-training equals ``config``'s."""
     other = load_zoo(source)
-    same = {f: getattr(config, f) == getattr(other.config, f) for f in PRETRAIN_FIELDS}
+    same = {f: getattr(config, f) == getattr(other.config, f) for f in (*PRETRAIN_FIELDS, "split_seed")}
     same["model"] = dataclasses.replace(other.config.model, num_classes=0) == \
         dataclasses.replace(config.model, num_classes=0)
     if not all(same.values()):
@@ -249,7 +276,7 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files.remove_stale_temporaries(out)
-    splits = load_splits(splits_dir, config.split_name)
+    splits = zoo_splits(out, config, splits_dir, create=True)
     info = files.read_json(out / "zoo.json")
     if info is not None and (why := _mismatch(info, config, splits)):
         if not overwrite:

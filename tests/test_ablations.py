@@ -17,7 +17,9 @@ from soupkit.ablations import (  # noqa: E402
     Setting, ablation_grid, centred_gram, cosine_diagnostic, gram_matrices, parse_values, plot_ablations,
     run_ablations,
 )
+from soupkit.experiment import read_correct  # noqa: E402
 from soupkit.models import ViTConfig  # noqa: E402
+from soupkit.stats import bootstrap_accuracy  # noqa: E402
 from soupkit.zoo import ZooConfig, build_zoo  # noqa: E402
 
 SWEEPS = {"model_batch_size": [2, 4], "outer_passes": [1, 2], "epochs": [1, 3], "decentralize": [True, False]}
@@ -66,6 +68,8 @@ def test_runner_runs_each_setting_once_with_its_options(monkeypatch, tmp_path):
     assert by_name[str(tmp_path / "b4_passes1_epochs1.json")].options["outer_iterations"] == 2
     assert list(table[table.study == "outer_passes"].outer_iterations) == [3, 6]
     assert (tmp_path / "ablations.csv").is_file()
+    assert table["test_low"].isna().all() and table["test_high"].isna().all()  # the fake runs kept no predictions
+    assert table["record_path"].iloc[0] == str(tmp_path / f"{table['setting'].iloc[0]}.json")
     assert json.loads((tmp_path / "b2_passes1_epochs1.json").read_text())["cpu_seconds"] >= 0
 
 
@@ -121,6 +125,12 @@ def test_tiny_zoo_end_to_end(tmp_path):
     record = json.loads((tmp_path / "abl" / "b2_passes1_epochs1.json").read_text())
     assert record["outer_iterations"] == math.ceil(3 / 2) and record["options"]["decentralize"] is True
     assert 0 <= record["test_accuracy"] <= 1 and record["cpu_seconds"] > 0
+    expected = bootstrap_accuracy(read_correct(tmp_path / "abl" / "b2_passes1_epochs1.json"))
+    row = table[table.setting == "b2_passes1_epochs1"].iloc[0]
+    assert (row.test_low, row.test_high) == pytest.approx((expected.low, expected.high))
+    assert (table.test_low <= table.test_accuracy).all() and (table.test_accuracy <= table.test_high).all()
     fig = plot_ablations(table, "tiny", base)
     assert len(fig.axes) == 2
+    assert all(ax.containers for ax in fig.axes)  # error bars of the test accuracies in every panel
+    fig.savefig(tmp_path / "ablations.png")
     plt.close(fig)

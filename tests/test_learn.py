@@ -103,3 +103,31 @@ def test_batch_stream_counts_epochs_and_rebatches():
         BatchStream([], "cpu")
     with pytest.raises(TypeError, match="re-iterable"):
         BatchStream(iter(data), "cpu")
+
+
+def test_learned_soup_runs_at_a_constant_lr_by_default(bn_setup, monkeypatch):
+    # model-soups' learned soup keeps lr 0.05 for every step (its cosine_lr is never called)
+    import soupkit.learn as learn  # noqa: PLC0415
+
+    seen: list[tuple[int, float, str]] = []
+    factors: list[float] = []
+
+    def recording(steps, warmup, schedule):
+        seen.append((steps, warmup, schedule))
+        f = lr_lambda(steps, warmup, schedule)
+        return lambda s: factors.append(f(s)) or factors[-1]
+
+    lrs: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(learn, "lr_lambda", recording)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    base, states, loader = bn_setup
+    soupkit.make_soup("learned+", base, states, loader, progress=False, inner_iterations=10)
+    assert seen == [(10, 0.0, "constant")]
+    assert factors and all(f == 1.0 for f in factors)
+    assert lrs[-10:] == [0.05] * 10  # the ten inner steps (earlier ones: make_soup's optimizer warm-up)

@@ -10,7 +10,7 @@ from soupkit import CheckpointPool, make_soup
 from conftest import BNNet, batches, make_data
 
 FAST = dict(progress=False, inner_iterations=12)
-LEARNED = ["learned", "learned+", "hl", "hl+", "mehl", "mehl+"]
+LEARNED = ["learned", "learned+", "hl", "hl+", "mehl", "mehl+", "mehl+released"]
 
 
 def heldout_acc(model, result, loader):
@@ -19,7 +19,7 @@ def heldout_acc(model, result, loader):
 
 def test_registry_names():
     assert set(soupkit.METHODS) == {"best", "uniform", "greedy", "learned", "learned+", "hl", "hl+", "mehl",
-                                    "mehl+", "ensemble"}
+                                    "mehl+", "mehl+released", "ensemble"}
     with pytest.raises(ValueError, match="unknown soup method"):
         make_soup("nope", BNNet(), [BNNet().state_dict()], [])
 
@@ -214,3 +214,69 @@ def test_early_stopping_keeps_the_best_checked_coefficients(bn_setup):
     base, states, loader = bn_setup
     r = make_soup("hl+", base, states, loader, select_loader=loader[:2], eval_every=4, **FAST)
     assert r.state_dict is not None
+
+
+def _tied_pair():
+    """Two linear classifiers with the same predictions (the second is the first scaled by 2: same argmax),
+    so the same held-out accuracy, but different weights; and a third, worse one (predicts class 0 only)."""
+    x, y = make_data(n=120, d=2, seed=5)
+    y = (x[:, 0] > 0).long()
+    w = torch.tensor([[-1.0, 0.3], [1.0, 0.0]])
+    states = [{"weight": w, "bias": torch.zeros(2)}, {"weight": 2 * w, "bias": torch.zeros(2)},
+              {"weight": torch.zeros(2, 2), "bias": torch.tensor([1.0, 0.0])}]
+    return nn.Linear(2, 2), states, batches(x, y)
+
+
+def test_greedy_tries_the_higher_index_first_among_equal_accuracies():
+    # model-soups' main.py sorts ascending by held-out accuracy, then reverses: among equal accuracies the
+    # higher index comes first. Models 0 and 1 tie; their average has the same accuracy, so with strict
+    # improvement the soup is whichever goes first: model 1 (the old key (-acc, j) gave model 0).
+    model, states, loader = _tied_pair()
+    r = make_soup("greedy", model, states, loader, progress=False)
+    accs = r.stats["heldout_accuracies"]
+    assert accs[0] == accs[1] > accs[2]
+    assert r.stats["chosen"] == [1]
+    assert torch.equal(r.state_dict["weight"], states[1]["weight"])
+    assert r.history[0] == accs[1] and len(r.history) == 3  # tried 1, then 0, then 2
+    accepting = make_soup("greedy", model, states, loader, progress=False, ties="accept")
+    assert accepting.stats["chosen"] == [1, 0]
+
+
+def test_best_keeps_the_first_index_among_equal_accuracies():
+    model, states, loader = _tied_pair()
+    r = make_soup("best", model, states, loader, progress=False)
+    assert r.stats["chosen"] == [0] and torch.equal(r.state_dict["weight"], states[0]["weight"])
+
+
+def test_learned_soup_defaults_are_model_soups():
+    # learned_bylayer.py: AdamW lr 0.05, wd 0, 5 epochs, learned logit scale, constant lr (no warm-up)
+    for name in ("learned", "learned+"):
+        cfg = soupkit.config.config_for(name)
+        assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.05, 0.0, 5.0)
+        assert cfg.schedule == "constant" and cfg.warmup == 0.0 and cfg.logit_scale
+        assert cfg.clip_grad_norm is None and cfg.batch_size is None
+    for name in ("hl", "hl+", "mehl", "mehl+"):  # the paper's / released code's: cosine with 20 % warm-up
+        cfg = soupkit.config.config_for(name)
+        assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.schedule, cfg.warmup) == (0.01, 0.0, 5.0, "cosine", 0.2)
+        assert not (cfg.normalize_directions or cfg.recenter) and cfg.clip_grad_norm is None
+
+
+def test_mehl_released_defaults_are_the_released_option_set():
+    cfg = soupkit.config.config_for("mehl+released")
+    expected = soupkit.config.config_for("mehl+", normalize_directions=True, recenter=True, clip_grad_norm=1.0)
+    assert cfg == expected
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.schedule, cfg.warmup) == (0.01, 0.0, 5.0, "cosine", 0.2)
+    assert soupkit.METHODS["mehl+released"].resumable
+
+
+def test_mehl_released_equals_mehl_plus_with_the_released_options(bn_setup):
+    base, states, loader = bn_setup
+    released = make_soup("mehl+released", base, states, loader, model_batch_size=2, **FAST)
+    options = make_soup("mehl+", base, states, loader, model_batch_size=2, normalize_directions=True,
+                        recenter=True, clip_grad_norm=1.0, **FAST)
+    assert released.name == "mehl+released" and options.name == "mehl+"
+    assert torch.equal(released.coefficients, options.coefficients)
+    assert released.layer_names == options.layer_names and released.history == options.history
+    assert all(torch.equal(released.state_dict[k], options.state_dict[k]) for k in options.state_dict)
+    plain = make_soup("mehl+", base, states, loader, model_batch_size=2, **FAST)
+    assert not torch.equal(released.coefficients, plain.coefficients)  # the options do change the run

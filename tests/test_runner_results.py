@@ -9,7 +9,9 @@ import pytest
 
 from soupkit import runner
 from soupkit.experiment import soup_options
-from soupkit.results import append_jsonl, main_table, paper_table, ratio, read_jsonl, format_table, write_csv
+from soupkit.results import (append_jsonl, main_table, paper_table, ratio, read_jsonl, format_table,
+                             with_test_intervals, with_wilson_intervals, write_csv)
+from soupkit.stats import bootstrap_accuracy, wilson_interval
 
 
 def test_presets_load_and_bad_ones_are_explained(tmp_path):
@@ -76,6 +78,60 @@ def test_main_table_orders_methods_and_puts_the_paper_beside(tmp_path):
     assert shown.loc[0, "s / epoch"] == "-"
     write_csv(table, tmp_path / "t.csv")
     assert pd.read_csv(tmp_path / "t.csv").shape == table.shape
+
+
+def _predictions(path, right: int, wrong: int) -> None:
+    """A predictions file (label,prediction) with ``right`` correct then ``wrong`` incorrect images."""
+    rows = [f"{i % 3},{i % 3}" for i in range(right)] + [f"{i % 3},{(i + 1) % 3}" for i in range(wrong)]
+    path.write_text("label,prediction\n" + "\n".join(rows) + "\n")
+
+
+def test_main_table_intervals_come_from_the_predictions_files(tmp_path):
+    # two runs as run_methods writes them: <dir>/<method>.json beside <dir>/<method>.predictions.csv
+    _predictions(tmp_path / "greedy.predictions.csv", 160, 40)  # 0.80 on 200 images
+    _predictions(tmp_path / "mehl+.predictions.csv", 200, 0)  # all right: [100, 100]
+    records = [dict(r, test_accuracy=acc, test_images=200, status="ok", predictions=f"{r['method']}.predictions.csv")
+               for r, acc in zip([r for r in _records() if r["method"] in ("greedy", "mehl+")], (0.80, 1.0))]
+    records.append(dict(method="learned+", status="did not fit", test_accuracy=None, heldout_accuracy=None,
+                        memory_cap_mb=64, peak_memory_bytes=7e7))
+    table = main_table(records, paper_table("table1_vitb32_imagenet"), record_dir=tmp_path).set_index("method")
+    greedy = table.loc["greedy"]
+    expected = bootstrap_accuracy([True] * 160 + [False] * 40).scaled(100)
+    assert (greedy["test low (%)"], greedy["test high (%)"]) == pytest.approx((expected.low, expected.high))
+    assert greedy["test acc (%)"] == pytest.approx(80.0)
+    assert greedy["test low (%)"] < greedy["test acc (%)"] < greedy["test high (%)"]
+    assert 3 < greedy["test high (%)"] - greedy["test low (%)"] < 15  # about 2 * 1.96 * sqrt(.8 * .2 / 200) = 11
+    assert (table.loc["mehl+", "test low (%)"], table.loc["mehl+", "test high (%)"]) == (100.0, 100.0)
+    assert pd.isna(table.loc["learned+", "test low (%)"]) and pd.isna(table.loc["learned+", "test high (%)"])
+    assert table.loc["learned+", "note"].startswith("did not fit")
+    # a record_path entry works without record_dir; without either (or without a file) the bounds are NaN
+    located = main_table([dict(records[0], record_path=str(tmp_path / "greedy.json"))]).loc[0]
+    assert located["test low (%)"] == pytest.approx(expected.low)
+    assert main_table(records[:1])[["test low (%)", "test high (%)"]].isna().all().all()
+    assert main_table(_records(), record_dir=tmp_path / "nothing")["test low (%)"].isna().all()
+    # bounds already in the records (a study's records.csv) are kept as they are
+    kept = with_test_intervals([dict(records[0], test_low=0.5, test_high=0.9)], record_dir=tmp_path)
+    assert kept.loc[0, ["test_low", "test_high"]].tolist() == [0.5, 0.9]
+    # rounded with the accuracies, "-" where there is no interval
+    shown = format_table(table.reset_index(), digits=2).set_index("Method")
+    assert shown.loc["Greedy-Soup", "test low (%)"] == round(expected.low, 2)
+    assert shown.loc["Learned-Soup+", "test low (%)"] == "-"
+
+
+def test_stale_predictions_give_no_interval(tmp_path):
+    _predictions(tmp_path / "greedy.predictions.csv", 150, 50)  # 0.75: not the record's 0.80
+    record = dict(_records()[1], test_accuracy=0.80, test_images=200)
+    with pytest.warns(UserWarning, match="do not match the record"):
+        table = main_table([record], record_dir=tmp_path)
+    assert pd.isna(table.loc[0, "test low (%)"])
+
+
+def test_wilson_columns_for_accuracies_without_predictions():
+    zoo = pd.DataFrame({"index": [0, 1], "test_acc": [0.5, 0.8]})
+    out = with_wilson_intervals(zoo, 100)
+    assert out["test_acc_low"][0] == pytest.approx(0.403832, abs=1e-6)
+    assert out["test_acc_high"][1] == pytest.approx(wilson_interval(0.8, 100).high)
+    assert list(with_wilson_intervals(zoo, None).columns) == ["index", "test_acc"]
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -11,7 +11,9 @@ import pytest  # noqa: E402
 
 from soupkit.models import ViTConfig  # noqa: E402
 from soupkit.results import paper_table, read_csv  # noqa: E402
+from soupkit.experiment import read_correct  # noqa: E402
 from soupkit.soup_result import SoupResult  # noqa: E402
+from soupkit.stats import bootstrap_accuracy  # noqa: E402
 from soupkit.studies import (  # noqa: E402
     cost_to_reach, finetuning_cost_study, growing_zoo, heldout_size_study, heldout_size_table, parse_list,
     plot_finetuning_cost, plot_heldout_size, plot_top_models, remaining_after_top, scaled_counts,
@@ -78,6 +80,16 @@ def test_cost_to_reach():
     assert cost_to_reach(records, 0.9)["finetune_seconds"].isna().all()
 
 
+def _check_intervals(records: pd.DataFrame) -> None:
+    """Each record's test_low / test_high are the bootstrap of its predictions file and contain its accuracy."""
+    for row in records.itertuples():
+        correct = read_correct(row.record_path)
+        assert correct.mean() == pytest.approx(row.test_accuracy, abs=1e-6)
+        expected = bootstrap_accuracy(correct)
+        assert (row.test_low, row.test_high) == pytest.approx((expected.low, expected.high))
+        assert row.test_low <= row.test_accuracy <= row.test_high
+
+
 def test_top_models_study_eliminates_the_heldout_best(tiny_zoo, tmp_path):
     out = tmp_path / "top"
     records = top_models_study(tiny_zoo.out_dir, out, [0, 2, 2], methods=("greedy", "mehl+"), options=FAST,
@@ -94,12 +106,21 @@ def test_top_models_study_eliminates_the_heldout_best(tiny_zoo, tmp_path):
             assert set(row.chosen) <= left
     saved = read_csv(out / "records.csv")
     assert saved["eliminated"].tolist() == [0, 0, 2, 2] and saved["paper_eliminated"].tolist() == [0, 0, 42, 42]
+    _check_intervals(saved)
     table = top_models_table(saved, paper_table("table3_top_models"))
     assert table["models left"].tolist() == [4, 2]
     assert table["paper Greedy-Soup (%)"].tolist() == [81.03, 79.70]
     assert table["Greedy-Soup (%)"].tolist() == pytest.approx(100 * saved.query("method == 'greedy'")["test_accuracy"])
+    assert table["Greedy-Soup low (%)"].tolist() == pytest.approx(100 * saved.query("method == 'greedy'")["test_low"])
+    assert list(table.columns[3:6]) == ["Greedy-Soup (%)", "Greedy-Soup low (%)", "Greedy-Soup high (%)"]
+    assert (table["MEHL-Soup+ low (%)"] <= table["MEHL-Soup+ (%)"]).all()
+    assert (table["MEHL-Soup+ (%)"] <= table["MEHL-Soup+ high (%)"]).all()
     fig = plot_top_models(saved, "tiny", paper_table("table3_top_models"))
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+    assert len(fig.axes[0].collections) == 2  # one 95 % band per method (ours), none for the paper
+    # records without bounds (an older records.csv) get them from their record_path
+    again = top_models_table(saved.drop(columns=["test_low", "test_high"]))
+    assert again["Greedy-Soup high (%)"].tolist() == pytest.approx(table["Greedy-Soup high (%)"].tolist())
 
 
 def test_finetuning_cost_study_uses_the_zoo_seconds(tiny_zoo, tmp_path):
@@ -108,8 +129,10 @@ def test_finetuning_cost_study_uses_the_zoo_seconds(tiny_zoo, tmp_path):
     assert records["finetune_seconds"].tolist() == pytest.approx([seconds[0], sum(seconds[:3])])
     assert records["num_models"].tolist() == [1, 3] and records["models"].tolist() == [(0,), (0, 1, 2)]
     assert read_csv(tmp_path / "records.csv")["finetune_seconds"].is_monotonic_increasing
+    _check_intervals(records)
     fig = plot_finetuning_cost(records, "tiny", target=0.5)
     assert len(fig.axes[0].lines) == 2  # one method + the target level
+    assert len(fig.axes[0].collections) == 1  # its 95 % band
     # a zoo without recorded times (model-soups' release) needs an assumed cost per model
     assumed = finetuning_cost_study(tiny_zoo.out_dir, tmp_path / "assumed", [2], methods=("greedy",),
                                     heldout_size=40, seconds_per_model=100.0)
@@ -134,8 +157,30 @@ def test_heldout_size_study_passes_each_size(tiny_zoo, tmp_path):
         assert row.heldout_accuracy * row.heldout_size == pytest.approx(round(row.heldout_accuracy * row.heldout_size),
                                                                         abs=1e-3)
     assert (tmp_path / "heldout60" / "learned+.json").is_file()
-    table = heldout_size_table(read_csv(tmp_path / "records.csv"))
+    saved = read_csv(tmp_path / "records.csv")
+    _check_intervals(saved)
+    table = heldout_size_table(saved)
     assert table["heldout_size"].tolist() == [20, 60]
-    assert list(table.columns[1:3]) == ["Greedy-Soup test (%)", "Greedy-Soup held-out (%)"]
+    assert list(table.columns[1:5]) == ["Greedy-Soup test (%)", "Greedy-Soup test low (%)", "Greedy-Soup test high (%)",
+                                        "Greedy-Soup held-out (%)"]
+    assert table["Learned-Soup+ test high (%)"].tolist() == pytest.approx(
+        100 * saved.query("method == 'learned+'")["test_high"])
     fig = plot_heldout_size(records, "tiny")
     assert len(fig.axes[0].lines) == 4  # test and held-out per method
+    assert len(fig.axes[0].collections) == 2  # a 95 % band around each test line
+
+
+def test_tables_and_figures_without_intervals_keep_working():
+    # records with no predictions (older runs, runs that did not fit): NaN bounds, lines without bands
+    records = pd.DataFrame({"method": ["greedy", "mehl+"] * 2, "heldout_size": [20, 20, 60, 60],
+                            "test_accuracy": [0.8, 0.82, 0.81, None], "heldout_accuracy": [0.9, 0.92, 0.85, None],
+                            "status": ["ok", "ok", "ok", "did not fit"]})
+    table = heldout_size_table(records)
+    assert table.filter(like=" low (%)").isna().all().all()
+    assert table["MEHL-Soup+ test (%)"].isna().tolist() == [False, True]
+    fig = plot_heldout_size(records, "tiny")
+    assert len(fig.axes[0].collections) == 0
+    # one run with an interval among runs without: an error bar, not a band of one point
+    records["test_low"], records["test_high"] = [0.78, None, None, None], [0.82, None, None, None]
+    fig = plot_heldout_size(records, "tiny")
+    assert len(fig.axes[0].collections) >= 1

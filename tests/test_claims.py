@@ -1,0 +1,60 @@
+"""The claims table: verdicts decided by intervals, numbers read from result files."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from soupkit.claims import EQUIVALENCE_MARGIN, claims_markdown, claims_table, equivalence_verdict
+from soupkit.stats import Interval
+
+
+def test_equivalence_verdict_hand_cases() -> None:
+    m = EQUIVALENCE_MARGIN
+    assert equivalence_verdict(Interval(0.0, -m / 2, m / 2)) == "reproduces"
+    assert equivalence_verdict(Interval(2 * m, 1.5 * m, 3 * m)) == "contradicted"
+    assert equivalence_verdict(Interval(0.0, -2 * m, 2 * m)) == "cannot tell at this scale"
+
+
+def _write_run(folder: Path, method: str, correct: np.ndarray, **record) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.zeros(len(correct), dtype=int)
+    predicted = np.where(correct, 0, 1)
+    (folder / f"{method}.predictions.csv").write_text(
+        "label,prediction\n" + "".join(f"{y},{p}\n" for y, p in zip(labels, predicted)))
+    (folder / f"{method}.json").write_text(json.dumps({"method": method, "status": "ok",
+                                                       "test_accuracy": float(correct.mean()), **record}))
+
+
+def test_table1_rows_from_predictions_and_seeds(tmp_path: Path) -> None:
+    n = 400
+    mehl = np.ones(n, dtype=bool)
+    mehl[:20] = False                      # 95.0 %
+    learned = np.ones(n, dtype=bool)
+    learned[:60] = False                   # 85.0 %: MEHL+ better by 10 points on exactly 40 images
+    for m, c in (("mehl+", mehl), ("learned+", learned)):
+        _write_run(tmp_path / "main_table", m, c, peak_memory_bytes=100.0 if m == "learned+" else 50.0,
+                   seconds_total=10.0)
+    seeds = pd.DataFrame({"seed": [0, 0, 1, 1, 2, 2], "method": ["mehl+", "learned+"] * 3,
+                          "test_accuracy": [0.90, 0.89, 0.91, 0.89, 0.92, 0.89]})
+    (tmp_path / "seeds").mkdir()
+    seeds.to_csv(tmp_path / "seeds" / "records.csv", index=False)
+    table = claims_table(tmp_path, tmp_path / "figures", tmp_path / "seeds", pairs=[("mehl+", "learned+")])
+    row = table.iloc[0]
+    assert row["paper"] == "+0.23"          # 81.62 - 81.39, from data/paper
+    est = float(row["ours, one run (95 % CI over test images)"].split(" ")[0])
+    assert est == pytest.approx(10.0)
+    # per-seed differences 1, 2, 3 points: mean 2, t interval 2 +- 4.302653 / sqrt(3) = [-0.48, 4.48]
+    assert row["ours, over seeds (95 % CI)"] == "+2.00 [-0.48, +4.48]"
+    assert row["verdict"] == "cannot tell at this scale" and row["decided by"] == "seeds"
+    memory = table[table["claim"].str.contains("peak memory")].iloc[0]
+    assert memory["ours, one run (95 % CI over test images)"] == "2.00x"
+    assert "| Table 1: MEHL-Soup+ more accurate than Learned-Soup+ (points) | +0.23 |" in claims_markdown(table)
+
+
+def test_readme_claims_table_is_the_generated_one() -> None:
+    root = Path(__file__).resolve().parents[1]
+    generated = (root / "figures" / "claims.md").read_text()
+    assert generated.strip() in (root / "README.md").read_text(), \
+        "README's claims table differs from figures/claims.md (notebook 11): paste the generated table"

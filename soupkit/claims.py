@@ -24,11 +24,13 @@ import pandas as pd
 
 from .experiment import read_correct
 from .results import DISPLAY, paper_table
-from .stats import VERDICTS, Interval, format_interval, paired_difference, seed_interval, verdict
+from .stats import VERDICTS, Interval, format_interval, paired_difference, seed_interval, seeds_needed, verdict
 
-__all__ = ["EQUIVALENCE_MARGIN", "claims_table", "claims_markdown", "equivalence_verdict", "TABLE1_PAIRS"]
+__all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
+           "power_line", "TABLE1_PAIRS"]
 
 BENCHMARK_CSV = Path(__file__).resolve().parents[1] / "data" / "results" / "benchmark_cpu.csv"  # committed
+POWER_TARGET = 0.75  # points: the half-width the MEHL-Soup+ - greedy interval over seeds should reach
 EQUIVALENCE_MARGIN = 0.5  # points: "does not vary much" (the paper's Fig. 2(a): < 0.1 % at ImageNet scale)
 # Table 1's orderings the paper states (A better than B)
 TABLE1_PAIRS: tuple[tuple[str, str], ...] = (
@@ -337,3 +339,22 @@ def claims_markdown(table: pd.DataFrame) -> str:
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def power_line(comparisons: pd.DataFrame, a: str = "mehl+", b: str = "greedy", target: float = POWER_TARGET,
+               level: float = 0.95) -> str:
+    """Whether the multi-seed study can decide A vs B: its t half-width against ``target`` (points), and the
+    seeds that the measured per-seed spread would need (``comparisons``: ``seeds.seed_comparisons`` output)."""
+    hit = comparisons[(comparisons["a"] == a) & (comparisons["b"] == b)]
+    if not len(hit):
+        return f"no multi-seed comparison of {a} and {b}: power not assessed"
+    row = hit.iloc[0]
+    per_seed = row[[c for c in comparisons.columns if c.startswith("seed ") and c.endswith("(points)")]].dropna()
+    sd = float(np.std(per_seed.to_numpy(dtype=float), ddof=1))
+    need = seeds_needed(sd, target, level)
+    half = float(row["t half-width (points)"])
+    return (f"{DISPLAY.get(a, a)} − {DISPLAY.get(b, b)} over {int(row['seeds'])} seeds: "
+            f"{row['mean difference (points)']:+.2f} points, {level:.0%} t interval ±{half:.2f} "
+            f"({'within' if half <= target else 'wider than'} the ±{target} target); per-seed sd {sd:.2f} points, "
+            f"so ±{target} needs {need if need else 'more than 1000'} seeds at this spread "
+            f"(a test-image interval within one seed: ±{row['image half-width (points)']:.2f})")

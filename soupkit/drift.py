@@ -184,7 +184,8 @@ def derive_tolerances(seeds_summary: str | Path | None, path_pairs: Sequence[tup
     """Write ``data/tolerances.csv`` from measured spreads (:data:`TOLERANCE_RULE`).
 
     Args:
-        seeds_summary: ``seeds_summary.csv`` of the multi-seed study (columns ``method``, ``sd (points)``):
+        seeds_summary: ``seeds_summary.csv`` of the multi-seed study (columns ``method``,
+            ``sd over seeds (points)``):
             the spread of each method's test accuracy over seeds of the whole pipeline.
         path_pairs: folders of result tables from two float paths (e.g. pinned numerics and this machine's
             native kernels): every accuracy-kind and difference-kind column's largest difference.
@@ -193,7 +194,7 @@ def derive_tolerances(seeds_summary: str | Path | None, path_pairs: Sequence[tup
     seed_sd = float("nan")
     if seeds_summary is not None:
         table = pd.read_csv(seeds_summary)
-        seed_sd = float((table["sd (points)"] ** 2).mean() ** 0.5)
+        seed_sd = float((table["sd over seeds (points)"] ** 2).mean() ** 0.5)
     path_max: dict[str, float] = {}
     for a, b in path_pairs:
         for name in sorted(p.name for p in Path(a).glob("*.csv")):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data import make_loader
 from .evaluation import accuracy, soup_logits
 from .io import atomic_write_json, atomic_write_text
+from .errors import DivergenceError
 from .memory import MemoryCapExceeded
 from .numerics import numerics_info
 from .methods import METHODS, make_soup
@@ -49,7 +50,8 @@ class RunSpec:
         select_fraction: part of those held out for early stopping of learned soups (0 = none).
         options: keyword options of ``make_soup`` (scalars).
         memory_cap_mb: stop the soup construction once it uses more than this many MB above the level at its
-            start (``memory.MemoryCap``); the record then says ``status: "did not fit"`` with no accuracy, as
+            start (``memory.MemoryCap``); the record then says ``status: "did not fit"`` (``"diverged"`` for a
+            run stopped by a non-finite loss) with no accuracy, as
             the paper reports ">256GB". None: no cap. On CPU this needs the run on the main thread.
         device: where the soup is built and evaluated (``"cpu"``, ``"cuda"``).
     """
@@ -174,6 +176,12 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
         seen = err.seen_bytes if isinstance(err, MemoryCapExceeded) else None
         record = {**base, "num_models": len(pool), "status": "did not fit", "test_accuracy": None,
                   "heldout_accuracy": None, "peak_memory_bytes": seen, "note": str(err).splitlines()[0]}
+        atomic_write_json(spec.record, record)
+        return record
+    except DivergenceError as err:
+        # a method whose coefficients run off to NaN/Inf on this zoo is a result too (no soup was written)
+        record = {**base, "num_models": len(pool), "status": "diverged", "test_accuracy": None,
+                  "heldout_accuracy": None, "peak_memory_bytes": None, "note": str(err).splitlines()[0]}
         atomic_write_json(spec.record, record)
         return record
     test_logits, test_labels = soup_logits(model, result, loaders["test"], spec.device)

@@ -104,7 +104,7 @@ def record_test_interval(record: Mapping[str, Any], record_path: str | os.PathLi
     """
     from .experiment import predictions_path, read_correct  # noqa: PLC0415  (experiment imports torch)
 
-    if record.get("status") == "did not fit" or _missing(record.get("test_accuracy")):
+    if record.get("status") in ("did not fit", "diverged") or _missing(record.get("test_accuracy")):
         return None
     path = Path(record_path) if record_path is not None else _record_path(record, None)
     if path is None or not predictions_path(path).is_file():
@@ -189,7 +189,8 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
     for col in ("seconds_per_epoch", "epochs", "seconds_total", "test_accuracy", "heldout_accuracy"):
         if col not in ours.columns:
             ours[col] = float("nan")
-    unfit = ours.get("status", pd.Series("ok", index=ours.index)).eq("did not fit")
+    status = ours.get("status", pd.Series("ok", index=ours.index)).fillna("ok")
+    unfit = status.isin(["did not fit", "diverged"])
     caps = ours.get("memory_cap_mb", pd.Series(float("nan"), index=ours.index))
     table = pd.DataFrame({
         "method": ours["method"],
@@ -202,8 +203,9 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
         "#epoch": ours["epochs"],
         "construction (s)": ours["seconds_total"],
         "peak memory (MB)": ours["peak_memory_bytes"] / 2**20,
-        "note": [("did not fit (> %g MB)" % cap if pd.notna(cap) else "did not fit (out of memory)") if bad else ""
-                 for bad, cap in zip(unfit, caps)],
+        "note": ["diverged (non-finite loss)" if st == "diverged" else
+                 ("did not fit (> %g MB)" % cap if pd.notna(cap) else "did not fit (out of memory)") if bad else ""
+                 for bad, cap, st in zip(unfit, caps, status)],
     })
     for col in ("test acc (%)", "test low (%)", "test high (%)", "held-out acc (%)", "s / epoch", "#epoch", "construction (s)", "peak memory (MB)"):
         table[col] = pd.to_numeric(table[col], errors="coerce").where(~unfit)

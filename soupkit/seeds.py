@@ -102,11 +102,54 @@ def _row(seed: int, record_path: Path, out_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _build_task(zoo_dir: Path, config: ZooConfig, device: str, threads: int | None) -> None:
+    """One zoo build (a worker process's task when ``jobs > 1``)."""
+    build_zoo(zoo_dir, config, progress=False, device=device, num_threads=threads)
+
+
+def _methods_task(zoo_dir: Path, folder: Path, todo: list[str], torch_threads: int | None,
+                  run_kwargs: dict[str, Any]) -> None:
+    """The methods of one seed (a worker process's task when ``jobs > 1``), with ``torch_threads`` threads."""
+    if torch_threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(torch_threads)
+    run_methods(zoo_dir, folder, todo, progress=False, **run_kwargs)
+
+
+def _in_parallel(plans: list[dict[str, Any]], jobs: int, device: str, threads: int | None,
+                 run_kwargs: dict[str, Any], bar: Any) -> None:
+    """Every plan's zoo build, then its methods, in ``jobs`` worker processes (1 / jobs of the cores each). Zoo
+    builds are queued first and a seed's methods as soon as its zoo is done, so the workers stay busy."""
+    import multiprocessing  # noqa: PLC0415
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: PLC0415
+
+    torch_threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawn: fresh interpreters (no forked torch state); importing soupkit there pins the numerics again
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_build_task, p["zoo_dir"], p["config"], device, threads): ("zoo", p) for p in plans}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    kind, plan = pending.pop(future)
+                    future.result()  # a failure in a worker is raised here
+                    if kind == "zoo":
+                        task = pool.submit(_methods_task, plan["zoo_dir"], plan["folder"], plan["todo"],
+                                           torch_threads, {**run_kwargs, "seed": plan["seed"]})
+                        pending[task] = ("methods", plan)
+                    else:
+                        bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def seed_study(out_dir: str | os.PathLike, seeds: Sequence[int], methods: Sequence[str],
                options: Mapping[str, Mapping[str, Any]] | None = None, num_models: int = 32,
                heldout_size: int | None = 2000, *, batch_size: int = 128, eval_batch_size: int = 500,
-               zoo_overrides: Mapping[str, Any] | None = None, threads: int | None = 1, isolate: bool = False,
-               device: str = "cpu", progress: bool = True) -> pd.DataFrame:
+               zoo_overrides: Mapping[str, Any] | None = None, threads: int | None = 1, jobs: int = 1,
+               isolate: bool = False, device: str = "cpu", progress: bool = True) -> pd.DataFrame:
     """Build the zoo of every seed and run ``methods`` on it; write the records and ``<out_dir>/records.csv``.
 
     Resumable: a seed whose zoo is complete with this recipe and whose records all exist (same method, options,
@@ -123,6 +166,9 @@ def seed_study(out_dir: str | os.PathLike, seeds: Sequence[int], methods: Sequen
         heldout_size: held-out images the soups learn on (a class-balanced prefix; None = all).
         zoo_overrides: other ``ZooConfig`` fields for every seed's zoo (see :func:`seed_zoo_config`).
         threads: torch CPU threads while building zoos (fixed, so a build gives the same bytes; None = current).
+        jobs: seeds worked on at once. 1: everything in this process, one seed after the other. More: that many
+            worker processes (spawned), each with ``cpu_count // jobs`` torch threads for the methods; the zoos
+            are the same bytes (``threads`` per build either way) and so are the accuracies.
         isolate: each method in a fresh process (honest peak memory; not needed for accuracies).
         device: torch device for building the zoos and the soups.
         progress: a tqdm bar over seeds.
@@ -135,14 +181,17 @@ def seed_study(out_dir: str | os.PathLike, seeds: Sequence[int], methods: Sequen
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {m: dict((options or {}).get(m, {})) for m in methods}
     expect = {"heldout_size": heldout_size, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
               "device": device, "num_models": num_models}
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(list(seeds), desc="seeds", disable=not progress)
-    for seed in bar:
+    run_kwargs = {"isolate": isolate, "options": options, "heldout_size": heldout_size, "batch_size": batch_size,
+                  "eval_batch_size": eval_batch_size, "device": device}
+    plans = []
+    for seed in seeds:
         folder = seed_dir(out, seed)
         config = seed_zoo_config(seed, num_models, zoo_overrides)
         zoo_dir = folder / "zoo"
@@ -150,15 +199,29 @@ def seed_study(out_dir: str | os.PathLike, seeds: Sequence[int], methods: Sequen
         zoo_ready = _zoo_matches(zoo_dir, config)
         todo = [m for m in methods if not zoo_ready
                 or not _record_done(folder / f"{m}.json", m, options[m], {**expect, "seed": seed})]
-        if todo:
-            bar.set_postfix_str(f"seed {seed}: zoo")
-            build_zoo(zoo_dir, config, progress=False, device=device, num_threads=threads)
-            bar.set_postfix_str(f"seed {seed}: {len(todo)} methods")
-            run_methods(zoo_dir, folder, todo, isolate=isolate, progress=False, options=options,
-                        heldout_size=heldout_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                        seed=seed, device=device)
-        rows += [_row(seed, folder / f"{m}.json", out) for m in methods]
+        plans.append({"seed": seed, "folder": folder, "zoo_dir": zoo_dir, "config": config, "todo": todo})
+
+    def rows_of(done: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = [_row(p["seed"], p["folder"] / f"{m}.json", out) for p in done for m in methods]
         write_csv(pd.DataFrame(rows, columns=RECORD_COLUMNS), out / "records.csv")
+        return rows
+
+    bar = tqdm(total=len(plans), desc="seeds", disable=not progress)
+    bar.update(sum(not p["todo"] for p in plans))
+    if jobs == 1 or sum(bool(p["todo"]) for p in plans) <= 1:
+        for i, plan in enumerate(plans):
+            if plan["todo"]:
+                bar.set_postfix_str(f"seed {plan['seed']}: zoo")
+                build_zoo(plan["zoo_dir"], plan["config"], progress=False, device=device, num_threads=threads)
+                bar.set_postfix_str(f"seed {plan['seed']}: {len(plan['todo'])} methods")
+                run_methods(plan["zoo_dir"], plan["folder"], plan["todo"], progress=False,
+                            **{**run_kwargs, "seed": plan["seed"]})
+                bar.update(1)
+            rows = rows_of(plans[:i + 1])
+    else:
+        _in_parallel([p for p in plans if p["todo"]], jobs, device, threads, run_kwargs, bar)
+    rows = rows_of(plans)
+    bar.close()
     frame = pd.DataFrame(rows, columns=RECORD_COLUMNS)
     frame["record"] = [str(out / r) for r in frame["record"]]
     return frame

@@ -20,8 +20,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_accuracy", "paired_difference", "seed_interval", "wilson_interval", "verdict",
-           "VERDICTS", "format_interval"]
+__all__ = ["Interval", "bootstrap_accuracy", "paired_difference", "seed_interval", "seeds_needed",
+           "wilson_interval", "verdict", "VERDICTS", "format_interval"]
 
 VERDICTS = ("reproduces", "contradicted", "cannot tell at this scale")
 
@@ -141,6 +141,17 @@ def wilson_interval(accuracy: float, n: int, level: float = 0.95) -> Interval:
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half), level)
+
+
+def seeds_needed(sd: float, half_width: float, level: float = 0.95, max_seeds: int = 1000) -> int | None:
+    """The smallest number of seeds S whose t interval of a mean, ``t(S - 1) * sd / sqrt(S)``, is no wider
+    than ``half_width`` for a per-seed spread ``sd`` (same unit); None if more than ``max_seeds``."""
+    from scipy.stats import t  # noqa: PLC0415
+
+    for n in range(2, max_seeds + 1):
+        if t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
 
 
 def verdict(interval: Interval, expected: int = 1) -> str:

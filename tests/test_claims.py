@@ -53,8 +53,14 @@ def test_table1_rows_from_predictions_and_seeds(tmp_path: Path) -> None:
     assert "| Table 1: MEHL-Soup+ more accurate than Learned-Soup+ (points) | +0.23 |" in claims_markdown(table)
 
 
-def test_readme_claims_table_is_the_generated_one() -> None:
-    root = Path(__file__).resolve().parents[1]
-    generated = (root / "figures" / "claims.md").read_text()
-    assert generated.strip() in (root / "README.md").read_text(), \
-        "README's claims table differs from figures/claims.md (notebook 11): paste the generated table"
+def test_power_line_hand_case() -> None:
+    from soupkit.claims import power_line
+
+    comparisons = pd.DataFrame([{"a": "mehl+", "b": "greedy", "seeds": 3, "mean difference (points)": 2.0,
+                                 "t half-width (points)": 2.484, "image half-width (points)": 0.6,
+                                 "seed 0 (points)": 1.0, "seed 1 (points)": 2.0, "seed 2 (points)": 3.0}])
+    line = power_line(comparisons, target=2.5)
+    # sd 1.0; t(2) * 1 / sqrt(3) = 2.484 <= 2.5: 3 seeds suffice
+    assert "±2.48 (within the ±2.5 target)" in line and "needs 3 seeds" in line and "sd 1.00" in line
+    assert "needs 4 seeds" in power_line(comparisons, target=2.4)
+    assert "power not assessed" in power_line(comparisons, "hl+", "greedy")

@@ -76,7 +76,7 @@ def test_fails_on_perturbed_committed_record(tmp_path: Path) -> None:
 
 
 def test_derive_from_seed_spread_and_float_paths(tmp_path: Path) -> None:
-    pd.DataFrame({"method": ["a", "b"], "sd (points)": [0.3, 0.4]}).to_csv(tmp_path / "s.csv", index=False)
+    pd.DataFrame({"method": ["a", "b"], "sd over seeds (points)": [0.3, 0.4]}).to_csv(tmp_path / "s.csv", index=False)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     _table().to_csv(a / "t.csv", index=False)

@@ -198,3 +198,12 @@ def test_params_of_one_notebook_for_papermill(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["heldout_size"] == 200
     with pytest.raises(ValueError, match="unknown notebook"):
         runner.notebook_parameters("paper", "10_nope")
+
+
+def test_main_table_shows_a_diverged_run_without_accuracy():
+    records = _records() + [dict(method="mehl+released", status="diverged", test_accuracy=None,
+                                 heldout_accuracy=None, peak_memory_bytes=None, seconds_total=None, epochs=None)]
+    table = main_table(records).set_index("method")
+    assert table.loc["mehl+released", "note"] == "diverged (non-finite loss)"
+    assert pd.isna(table.loc["mehl+released", "test acc (%)"])
+    assert table.loc["mehl+", "note"] == ""

@@ -116,3 +116,13 @@ def test_format_interval():
     assert format_interval(Interval(85.349, 83.8, 86.9)) == "85.35 [83.80, 86.90]"
     assert format_interval(Interval(0.45, -0.3, 1.2), signed=True) == "+0.45 [-0.30, +1.20]"
     assert format_interval(Interval(1, 0, 2), digits=0) == "1 [0, 2]"
+
+
+def test_seeds_needed_hand_cases() -> None:
+    from soupkit.stats import seeds_needed
+
+    # S = 3: t(2) = 4.302653, 4.302653 * 1 / sqrt(3) = 2.484 -> half-width 2.5 needs 3 seeds, 2.4 needs 4
+    assert seeds_needed(1.0, 2.5) == 3
+    assert seeds_needed(1.0, 2.4) == 4  # t(3) = 3.182446 / 2 = 1.591
+    assert seeds_needed(0.0, 0.1) == 2
+    assert seeds_needed(10.0, 0.01, max_seeds=50) is None

@@ -1,0 +1,140 @@
+"""The README's result tables, generated from the committed result files (never typed in).
+
+The README holds blocks between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; this module renders
+each from ``figures/*.csv`` and ``data/*``, and a test checks that the README's copy is the rendered one.
+
+    python -m soupkit.report --write     # refresh README.md's generated blocks after `make update-committed`
+    python -m soupkit.report --check     # exit 1 when a block differs from what the files give
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+__all__ = ["BLOCKS", "render", "update_readme", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "-" if pd.isna(x) else f"{x:.{digits}f}"
+
+
+def _ci(est: float, low: float, high: float, digits: int = 2, signed: bool = False) -> str:
+    if pd.isna(est):
+        return "-"
+    f = (lambda v: f"{v:+.{digits}f}") if signed else (lambda v: f"{v:.{digits}f}")
+    return f"{f(est)} [{f(low)}, {f(high)}]" if pd.notna(low) else f(est)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_table_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(figures / "main_table.csv")
+    rows = [[r["Method"], _ci(r["test acc (%)"], r["test low (%)"], r["test high (%)"]),
+             _fmt(r["held-out acc (%)"]), _fmt(r["#epoch"], 0), _fmt(r["construction (s)"], 1),
+             _fmt(r["peak memory (MB)"], 1), r["note"] if isinstance(r["note"], str) else "",
+             _fmt(r["paper acc (%)"])] for _, r in t.iterrows()]
+    return _table(["Method", "test acc (%) [95 % CI, test images]", "held-out acc (%)", "#epoch",
+                   "construction (s)", "peak memory (MB)", "note", "paper acc (%)"], rows)
+
+
+def seeds_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(figures / "seeds_summary.csv")
+    rows = [[r["Method"], int(r["seeds"]), _ci(r["mean test acc (%)"], r["t low (%)"], r["t high (%)"]),
+             _fmt(r["sd over seeds (points)"]), f"{_fmt(r['min (%)'])}-{_fmt(r['max (%)'])}"] for _, r in t.iterrows()]
+    return _table(["Method", "seeds", "mean test acc (%) [95 % t CI over seeds]", "sd over seeds (points)",
+                   "range (%)"], rows)
+
+
+def seed_comparisons_block(figures: Path, data: Path) -> str:
+    from .results import DISPLAY  # noqa: PLC0415
+
+    t = pd.read_csv(figures / "seeds_comparisons.csv")
+    rows = [[f"{DISPLAY.get(r['a'], r['a'])} − {DISPLAY.get(r['b'], r['b'])}", int(r["seeds"]),
+             _ci(r["mean difference (points)"], r["t low (points)"], r["t high (points)"], signed=True),
+             f"±{_fmt(r['t half-width (points)'])}", f"±{_fmt(r['image half-width (points)'])}",
+             r["verdict (a > b)"]] for _, r in t.iterrows()]
+    return _table(["difference (points)", "seeds", "mean [95 % t CI over seeds]", "half-width over seeds",
+                   "half-width over test images (one seed)", "verdict on A > B"], rows)
+
+
+def claims_block(figures: Path, data: Path) -> str:
+    return (figures / "claims.md").read_text().strip()
+
+
+def numerics_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(data / "results" / "numerics_cpu.csv")
+    rows = [[r["numerics"], r["setting"], r["cpu_capability"], f"`{r['sha256']}`"] for _, r in t.iterrows()]
+    ratio = t["timing_ratio_pinned_over_native"].iloc[0]
+    return (_table(["numerics", "setting", "ATen kernels", "sha256 of the weights (first 16)"], rows)
+            + f"\n\nTraining time pinned / native, measured side by side (median of alternated runs): {ratio:.2f}.")
+
+
+def tolerances_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(data / "tolerances.csv")
+    rows = [[r["kind"], _fmt(r["tolerance"]), _fmt(r["seed_sd_points"], 3), _fmt(r["float_path_max_points"], 3)]
+            for _, r in t.iterrows()]
+    return (_table(["kind of number", "tolerance (points)", "pooled sd over seeds (points)",
+                    "largest float-path difference measured (points)"], rows)
+            + f"\n\nRule: {t['rule'].iloc[0]}.")
+
+
+def power_block(figures: Path, data: Path) -> str:
+    from .claims import power_line  # noqa: PLC0415
+
+    return power_line(pd.read_csv(figures / "seeds_comparisons.csv")) + "."
+
+
+BLOCKS: dict[str, Callable[[Path, Path], str]] = {
+    "main_table": main_table_block, "seeds": seeds_block, "seed_comparisons": seed_comparisons_block,
+    "power": power_block,
+    "claims": claims_block, "numerics": numerics_block, "tolerances": tolerances_block,
+}
+_BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(\n<!-- end: (?P=name) -->)", re.S)
+
+
+def render(name: str, figures: Path = ROOT / "figures", data: Path = ROOT / "data") -> str:
+    """The markdown of block ``name`` from the result files."""
+    return BLOCKS[name](figures, data)
+
+
+def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[str]:
+    """Re-render every generated block of ``path``; returns the names of blocks that changed (written if
+    ``write``)."""
+    text = path.read_text()
+    changed = []
+
+    def fill(m: re.Match) -> str:
+        body = render(m["name"])
+        if body != m["body"]:
+            changed.append(m["name"])
+        return m.group(1) + body + m.group(4)
+
+    new = _BLOCK.sub(fill, text)
+    if write and changed:
+        path.write_text(new)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m soupkit.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the README's generated blocks")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a block differs")
+    args = parser.parse_args(argv)
+    changed = update_readme(write=args.write)
+    print(("rewrote: " if args.write else "differ: ") + (", ".join(changed) or "none"))
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -100,12 +100,15 @@ BLOCKS: dict[str, Callable[[Path, Path], str]] = {
     "power": power_block,
     "claims": claims_block, "numerics": numerics_block, "tolerances": tolerances_block,
 }
-_BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(\n<!-- end: (?P=name) -->)", re.S)
+_BLOCK = re.compile(r"<!-- generated: (?P<name>[a-z_]+) -->\n(?P<body>.*?)\n?<!-- end: (?P=name) -->", re.S)
 
 
 def render(name: str, figures: Path = ROOT / "figures", data: Path = ROOT / "data") -> str:
-    """The markdown of block ``name`` from the result files."""
-    return BLOCKS[name](figures, data)
+    """The markdown of block ``name`` from the result files (a line saying which file is missing, if one is)."""
+    try:
+        return BLOCKS[name](figures, data)
+    except FileNotFoundError as err:
+        return f"(not generated: {Path(err.filename).name} is missing; run the notebook that writes it)"
 
 
 def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[str]:
@@ -118,7 +121,7 @@ def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[s
         body = render(m["name"])
         if body != m["body"]:
             changed.append(m["name"])
-        return m.group(1) + body + m.group(4)
+        return f"<!-- generated: {m['name']} -->\n{body}\n<!-- end: {m['name']} -->"
 
     new = _BLOCK.sub(fill, text)
     if write and changed:

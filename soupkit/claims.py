@@ -326,10 +326,18 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     if seeds_path is not None and (seeds_path / "records.csv").is_file():
         seeds = pd.read_csv(seeds_path / "records.csv")
     rows = _table1(out, seeds, pairs) + _released(out, seeds)
-    rows += _ratio_rows(out, seeds_path if seeds is not None else None, Path(benchmark_csv or BENCHMARK_CSV))
+    # memory and time over seeds only from a study whose methods ran in fresh processes (honest peaks)
+    isolated = seeds is not None and _isolated(seeds_path)
+    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv or BENCHMARK_CSV))
     rows += _larger_model(out) + _top_models(out) + _coefficients(figures) + _finetuning_cost(out)
     rows += _ablations(out, figures) + _resnet(out)
     return pd.DataFrame(rows)
+
+
+def _isolated(seeds_dir: Path) -> bool:
+    """Whether every learned+/mehl+ record of the multi-seed study ran in its own process (``isolated``)."""
+    records = [p for m in ("learned+", "mehl+") for p in seeds_dir.glob(f"seed_*/{m}.json")]
+    return bool(records) and all(pd.read_json(p, typ="series").get("isolated", False) is True for p in records)
 
 
 def claims_markdown(table: pd.DataFrame) -> str:

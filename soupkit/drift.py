@@ -9,7 +9,7 @@ follow it. So a rerun is compared with the committed ``figures/*.csv`` column by
 * cost columns (seconds, memory) vary from run to run on one machine and are not compared;
 * numeric columns with no measured spread are listed as "not compared", never silently passed.
 
-    python -m soupkit.drift check figures /tmp/run/figures      # exit 1 naming every number past tolerance
+    python -m soupkit.drift check figures outputs/figures       # exit 1 naming every number past tolerance
     python -m soupkit.drift derive --seeds figures/seeds_summary.csv --path-a A --path-b B
 """
 from __future__ import annotations

@@ -36,9 +36,9 @@ TOLERANCE_RULE = ("tolerance of a kind = the larger of 4 x the standard deviatio
 
 _COST = re.compile(r"s / epoch|construction|memory|seconds|\(s\)|cpu|time|peak|\bMB\b|\bGB\b")
 _DIFFERENCE = re.compile(r"change|points|- greedy| − |gap")
-_ACCURACY = re.compile(r"acc|\(%\)|accuracy")
+_ACCURACY = re.compile(r"acc|\(%\)|accuracy|^test_(low|high)$")
 _METHOD_COLUMN = re.compile(r"Soup|individual|Ensemble")  # tables with one accuracy column per method
-_COEFFICIENT = re.compile(r"cosine|λ|min|max|< 0|> 1|outside")
+_COEFFICIENT = re.compile(r"cosine|λ|\bmin\b|\bmax\b|< 0|> 1|outside")
 
 
 def column_kind(name: str, values: pd.Series) -> str:
@@ -80,7 +80,7 @@ class Drift:
 
 def _points(name: str, values: pd.Series) -> pd.Series:
     """Fractions (``test_accuracy`` columns) as points, so one tolerance in points serves every table."""
-    return values * 100 if name.endswith("_accuracy") else values
+    return values * 100 if name.endswith("_accuracy") or name in ("test_low", "test_high") else values
 
 
 def compare_tables(committed: pd.DataFrame, rerun: pd.DataFrame, tolerances: dict[str, float],

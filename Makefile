@@ -14,7 +14,7 @@ JOBS ?= 2
 # pip on some machines prints one warning per unreachable local index: hide only those lines
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup test reproduce update-committed clean
+.PHONY: setup lab test reproduce update-committed clean
 
 $(STAMP): requirements.txt requirements-data.txt requirements-test.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,22 @@ $(STAMP): requirements.txt requirements-data.txt requirements-test.txt constrain
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . $(QUIET)
 	touch $(STAMP)
 
-setup: $(STAMP)
+# JupyterLab settings of this venv (jupyter/overrides.json): no autosave, so opening and running a committed
+# notebook changes the file only when the user saves it
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+$(LAB_SETTINGS): jupyter/overrides.json $(STAMP)
+	mkdir -p $(dir $@) && cp jupyter/overrides.json $@
+
+# IPython kernel settings of this venv (jupyter/ipython_kernel_config.py): hides ipykernel's TCP-encryption warning
+KERNEL_CONFIG := $(VENV)/etc/ipython/ipython_kernel_config.py
+$(KERNEL_CONFIG): jupyter/ipython_kernel_config.py $(STAMP)
+	mkdir -p $(dir $@) && cp jupyter/ipython_kernel_config.py $@
+
+setup: $(STAMP) $(LAB_SETTINGS) $(KERNEL_CONFIG)
+
+# JupyterLab from the repository root (open notebooks/; each kernel runs in its notebook's folder)
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=.
 
 # nbval re-executes every notebook on a copy in a temporary folder (the committed notebooks, figures/ and
 # outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.drift compares

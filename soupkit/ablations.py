@@ -216,26 +216,31 @@ def plot_ablations(table: pd.DataFrame, title: str, baseline: Setting | None = N
     """One panel per study of :func:`run_ablations`'s table: test (solid) and held-out (dashed) accuracy, %.
 
     Test accuracies carry error bars: their 95 % interval over test images (the table's ``test_low`` /
-    ``test_high``, where present). The baseline's point (if given) is circled in every panel.
+    ``test_high``, where present). The baseline's point (if given) is circled in every panel. Lines in
+    MEHL-Soup+'s colour; the accuracy axis is zoomed and marked broken; one legend under the panels.
     """
+    from .plots import device_title, legend_below, mark_broken_axis, method_colour  # noqa: PLC0415
+
+    colour = method_colour("mehl+")  # every ablation is of MEHL-Soup+
     studies = [s for s in STUDIES if s in set(table["study"])]
     fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 3.4), sharey=True, squeeze=False)
     for ax, study in zip(axes[0], studies):
         rows = table[table["study"] == study]
         if study == "decentralize":
-            x = ["θ_i − θ̄" if bool(v) else "θ_i" for v in rows["value"]]
+            # a table read back from CSV holds "True" / "False" strings, and bool("False") is True
+            x = ["θ_i − θ̄" if str(v).strip().lower() in ("true", "1", "1.0") else "θ_i" for v in rows["value"]]
         else:
             x = rows["value"].astype(float).tolist()
         test = 100 * pd.to_numeric(rows["test_accuracy"], errors="coerce")
-        ax.plot(x, test, "o-", color="tab:red", label="test")
+        ax.plot(x, test, "o-", color=colour, label="test")
         if "test_low" in rows and "test_high" in rows:
             low, high = (100 * pd.to_numeric(rows[c], errors="coerce") for c in ("test_low", "test_high"))
             has = (low.notna() & high.notna()).to_numpy()
             if has.any():
-                ax.errorbar([v for v, h in zip(x, has) if h], test[has], fmt="none", ecolor="tab:red", capsize=4,
+                ax.errorbar([v for v, h in zip(x, has) if h], test[has], fmt="none", ecolor=colour, capsize=4,
                             yerr=[(test - low)[has], (high - test)[has]],
                             label="test, 95 % interval" if ax is axes[0][0] else None)
-        ax.plot(x, 100 * rows["heldout_accuracy"], "s--", color="tab:gray", label="held-out")
+        ax.plot(x, 100 * rows["heldout_accuracy"], "s--", color=colour, mfc="white", alpha=0.7, label="held-out")
         if baseline is not None:
             base = rows[rows["setting"] == baseline.name]
             bx = [x[i] for i, flag in enumerate(rows["setting"] == baseline.name) if flag]
@@ -250,7 +255,12 @@ def plot_ablations(table: pd.DataFrame, title: str, baseline: Setting | None = N
         ax.set_xlabel(STUDIES[study])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    for ax in axes[0]:
+        mark_broken_axis(ax, "y")
+        if ax is not axes[0][0]:
+            ax.set_ylabel("")
+    fig.suptitle(device_title(title))
     fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_below(fig, [h for h, lab in zip(handles, labels) if lab and not lab.startswith("_")])
     return fig

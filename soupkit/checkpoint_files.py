@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import CheckpointError
+from .io import apply_umask
 
 __all__ = ["TensorSpec", "load_state_dict", "save_state_dict"]
 
@@ -90,6 +91,7 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike, metada
                   metadata=metadata)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())  # the data is on disk before the rename makes it visible
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,11 @@
 The architecture comes from an embedded zoo (``--zoo``; its files are the pool unless ``--pool`` is given)
 or from open_clip (``--arch``, model-soups layout, with ``--data``). Rank 0 writes ``--out`` (the
 :class:`SoupResult`: soup, coefficients, stats with the test accuracy) and shows the progress bar.
+
+On a zoo every method runs with notebook 02's settings (``config.MAIN_TABLE_SETTINGS``: 2000 held-out
+images, batches of 128, its learning rates, epochs and b), so ``python -m soupkit mehl+ --zoo outputs/zoo``
+builds the soup of notebook 02's MEHL-Soup+ row; ``--option`` and the flags change them. Accuracies are printed
+in percent with two decimals, as the notebooks' tables. Argument errors are one line, exit status 2.
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ import warnings
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .config import SoupConfig, config_for
+from .config import MAIN_TABLE_SETTINGS, SoupConfig, config_for
+from .errors import SoupkitError
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
 
@@ -84,12 +90,37 @@ def expand_pool(patterns: Sequence[str], list_file: str | None = None) -> list[P
     return paths
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a method; choose from {', '.join(METHODS)}")
+    return text
+
+
+def _zoo_error(zoo: str) -> str | None:
+    """Why ``--zoo`` is not a zoo folder (None if it is one)."""
+    path = Path(zoo)
+    if not path.is_dir():
+        return f"--zoo {zoo}: no such folder; build the zoo with notebooks/01_zoo.ipynb (outputs/zoo) or " \
+               f"python -m soupkit.zoo --out {zoo}"
+    if not any((path / name).is_file() for name in ("zoo.json", "source.json")):
+        return f"--zoo {zoo}: not a zoo (no zoo.json or source.json in it); build it with notebooks/01_zoo.ipynb " \
+               f"or python -m soupkit.zoo --out {zoo}"
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     options = sorted(f.name for f in fields(SoupConfig) if f.name not in _NOT_OPTIONS)
-    p = argparse.ArgumentParser(prog="python -m soupkit", description="Run one soup method on a pool of "
-                                "checkpoints, in one process or on every rank of torchrun.",
-                                epilog="Keys of --option (see soupkit.config.SoupConfig): " + ", ".join(options))
-    p.add_argument("method", choices=list(METHODS))
+    p = _Parser(prog="python -m soupkit", description="Run one soup method on a pool of "
+                "checkpoints, in one process or on every rank of torchrun. On --zoo, with notebook 02's settings.",
+                epilog="Keys of --option (see soupkit.config.SoupConfig): " + ", ".join(options))
+    p.add_argument("method", type=_method, metavar="METHOD", help="one of " + ", ".join(METHODS))
     p.add_argument("--out", required=True, help="folder for soup.safetensors, coefficients.safetensors, result.json")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--zoo", help="embedded zoo directory (soupkit.zoo): architecture, data and default pool")
@@ -101,11 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", help="held-out split JSON, created on first use (--arch; default "
                    "splits/<data>_heldout.json)")
     p.add_argument("--num-classes", type=int, help="classifier classes (--arch; default from --data)")
-    p.add_argument("--heldout-size", type=int, help="zoo: use this many held-out images (default all)")
+    p.add_argument("--heldout-size", type=int, help="zoo: use this many held-out images (default "
+                   f"{MAIN_TABLE_SETTINGS['heldout_size']}, as notebook 02; 0: all)")
     p.add_argument("--select-fraction", type=float, default=0.0, help="zoo: part of the held-out set kept "
                    "for early stopping of learned soups")
     p.add_argument("--batch-size", type=int, default=128, help="global held-out batch (all ranks together)")
-    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--eval-batch-size", type=int, help="test / held-out evaluation batch (default "
+                   f"{MAIN_TABLE_SETTINGS['eval_batch_size']} on a zoo, as notebook 02; 256 with --arch)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank (--arch)")
     p.add_argument("--device", help="default: cuda:<LOCAL_RANK> if CUDA is available, else cpu")
     p.add_argument("--parallel", choices=["data", "model"], default="data",
@@ -154,8 +187,9 @@ def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
     from .sources import open_zoo  # noqa: PLC0415
 
     zoo = open_zoo(args.zoo)
-    loaders = zoo_loaders(zoo, args.heldout_size, args.batch_size, args.eval_batch_size, args.select_fraction,
-                          args.seed)
+    heldout = MAIN_TABLE_SETTINGS["heldout_size"] if args.heldout_size is None else (args.heldout_size or None)
+    loaders = zoo_loaders(zoo, heldout, args.batch_size, args.eval_batch_size or MAIN_TABLE_SETTINGS["eval_batch_size"],
+                          args.select_fraction, args.seed)
     return zoo.make_model(), CheckpointPool(pool_paths or zoo.paths), loaders["learn"], loaders["select"], \
         loaders["test"]
 
@@ -178,7 +212,7 @@ def _arch_inputs(args: argparse.Namespace, pool_paths: list[Path], rank: int, wo
             splits = realdata.load_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
     learn = realdata.make_loader(splits.heldout, args.batch_size, shuffle=True, seed=args.seed,
                                  num_workers=args.workers)
-    test = realdata.make_loader(splits.test, args.eval_batch_size, num_workers=args.workers)
+    test = realdata.make_loader(splits.test, args.eval_batch_size or 256, num_workers=args.workers)
     return model, pool, learn, None, test
 
 
@@ -188,6 +222,10 @@ def run(args: argparse.Namespace, options: dict[str, Any], device: str, rank: in
     pool_paths = expand_pool(args.pool, args.pool_list)
     if args.zoo:
         model, pool, learn, select, test = _zoo_inputs(args, pool_paths)
+        from .experiment import main_table_options  # noqa: PLC0415
+
+        # notebook 02's options for this method (one function for both), then the user's --option values
+        options = {**main_table_options(args.method, len(pool)), **options}
     else:
         model, pool, learn, select, test = _arch_inputs(args, pool_paths, rank, world)
     options = {"progress": not args.no_progress, "seed": args.seed, "device": device,
@@ -205,7 +243,7 @@ def run(args: argparse.Namespace, options: dict[str, Any], device: str, rank: in
     out = result.save(args.out)
     acc = result.stats.get("test_accuracy")
     print(f"{args.method}: K={len(pool)}, {world} rank(s) ({args.parallel if world > 1 else 'single'}), "
-          f"{result.stats['seconds_total']:.1f} s" + (f", test accuracy {acc:.4f}" if acc is not None else "")
+          f"{result.stats['seconds_total']:.1f} s" + (f", test accuracy {100 * acc:.2f} %" if acc is not None else "")
           + f" -> {out}")
     return out
 
@@ -216,14 +254,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     Argument errors exit with status 2 before anything is read. Inside an initialised process group (e.g.
     a caller's own) it runs on that group and leaves it open.
     """
-    p = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # python -m soupkit plan --zoo outputs/zoo --k 32 --b 8 ... (soupkit.plan)
+        from .plan import main as plan_main  # noqa: PLC0415
+
+        return plan_main(argv[1:])
+    p = _parser()
     args = p.parse_args(argv)
     if args.arch and not (args.pool or args.pool_list):
         p.error("--arch needs --pool or --pool-list")
     if args.arch and not (args.data and args.data_root):
         p.error("--arch needs --data and --data-root")
     options = _options(args, p)
+    if args.zoo and _zoo_error(args.zoo):
+        p.error(_zoo_error(args.zoo))
+    if args.pool_list and not Path(args.pool_list).is_file():
+        p.error(f"--pool-list {args.pool_list}: no such file")
+    try:
+        expand_pool(args.pool)
+    except FileNotFoundError as err:
+        p.error(str(err))
     owned = not (dist.is_available() and dist.is_initialized())  # a caller's process group stays open
     device, rank, world = _init_distributed(args)
     launcher = ["python"] if world == 1 else \
@@ -233,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank != 0:  # every rank runs the same checks: rank 0's warnings are everyone's
                 warnings.simplefilter("ignore")
             run(args, options, device, rank, world, [*launcher, "-m", "soupkit", *argv])
+    except SoupkitError as err:
+        if world > 1:  # every rank's own line: the launcher shows which one failed first
+            print(f"soupkit: rank {rank}/{world} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            raise
+        p.exit(1, f"{p.prog}: error: {err}\n")  # an input soupkit refuses: its sentence, not a traceback
     except BaseException as err:
         if world > 1:  # every rank's own line: the launcher shows which one failed first
             print(f"soupkit: rank {rank}/{world} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)

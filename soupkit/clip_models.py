@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from soupkit._compat import import_open_clip
 from soupkit.checkpoint_files import load_state_dict, save_state_dict
+from soupkit.errors import CheckpointLayoutError
 
 __all__ = [
-    "MODEL_SOUPS_ARCH", "TEXT_LEFTOVER_KEYS", "CheckpointLayoutError", "ImageTower", "SoupClassifier",
+    "MODEL_SOUPS_ARCH", "TEXT_LEFTOVER_KEYS", "ImageTower", "SoupClassifier",
     "create_clip", "classifier_from_clip", "build_model_soups_model", "preprocess_config",
     "to_model_soups_layout", "load_model_soups_checkpoint", "load_weights", "convert_checkpoint",
     "register_model_config",
@@ -40,10 +41,6 @@ _TEXT_PREFIXES = ("model.transformer.", "model.token_embedding.", "model.ln_fina
 _TEXT_NAMES = frozenset({"model.positional_embedding", "model.text_projection", "model.logit_scale",
                          "model.logit_bias", "model.attn_mask"})
 _SHOW = 8  # how many offending keys an error lists
-
-
-class CheckpointLayoutError(ValueError):
-    """A state dict does not fit the classifier: the message names the source and lists the keys at fault."""
 
 
 class ImageTower(nn.Module):

@@ -146,17 +146,22 @@ def plot_coefficient_histograms(table: pd.DataFrame, title: str, methods: Iterab
     lo, hi = min(rows.min(), 0.0), max(rows.max(), 0.0)
     lo, hi = lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo)
     edges = torch.linspace(lo, hi, bins + 1).tolist()
-    for ax, method, colour in zip(axes[0], methods, ["tab:red", "tab:blue", "tab:green", "tab:gray"]):
+    from .plots import device_title, method_colour  # noqa: PLC0415
+
+    for ax, method in zip(axes[0], methods):
         lam = table.loc[table["method"] == method, "coefficient"]
-        sns.histplot(x=lam, bins=edges, ax=ax, color=colour, stat="count")
+        sns.histplot(x=lam, bins=edges, ax=ax, color=method_colour(method), stat="count", label=f"λ of {_label(method)}")
         ax.set_yscale("log")
-        for edge in (0.0, 1.0):
-            if lo <= edge <= hi:
-                ax.axvline(edge, color="black", lw=0.8, ls="--")
+        drawn = [edge for edge in (0.0, 1.0) if lo <= edge <= hi]
+        for edge in drawn:
+            ax.axvline(edge, color="black", lw=0.8, ls="--",
+                       label=(" and ".join(f"λ = {e:g}" for e in drawn)) if edge == drawn[0] else None)
         outside = 100 * ((lam < 0) | (lam > 1)).mean()
         ax.set_title(f"{_label(method)}: {len(lam)} coefficients, {outside:.1f} % outside [0, 1]", fontsize=10)
         ax.set_xlabel("mixing coefficient λ (weight on θ_i)")
-    fig.suptitle(title)
+        # under the axes: the histogram fills the upper corners on a log scale
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(device_title(title))
     fig.tight_layout()
     return fig
 
@@ -168,19 +173,32 @@ def plot_layer_coefficients(table: pd.DataFrame, method: str, layer: str = ALL_L
     fig = ax.figure if ax is not None else plt.figure(figsize=(8, 3.2))
     ax = ax if ax is not None else fig.add_subplot()
     rows = table[table["method"] == method]
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    from .plots import method_colour  # noqa: PLC0415
+
+    colour = method_colour(method)  # the method's colour, as in every figure; "outside [0, 1]" is a hatch
     if layer == ALL_LAYERS:
-        sns.histplot(x=rows["coefficient"], bins=50, ax=ax)
+        sns.histplot(x=rows["coefficient"], bins=50, ax=ax, color=colour, label=f"λ of {_label(method)}")
         ax.set_xlabel("λ")
-        ax.axvline(0, color="black", lw=0.6)
+        ax.axvline(0, color="black", lw=0.6, label="λ = 0")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     else:
         rows = rows[rows["layer"] == layer]
-        ax.bar(rows["model"], rows["coefficient"], color=["tab:red" if v < 0 or v > 1 else "tab:blue"
-                                                          for v in rows["coefficient"]])
+        outside = [v < 0 or v > 1 for v in rows["coefficient"]]
+        bars = ax.bar(rows["model"], rows["coefficient"], color=colour, edgecolor="black", lw=0.4)
+        for bar, out in zip(bars, outside):
+            if out:
+                bar.set_hatch("////")
         ax.axhline(1 / max(len(rows), 1), color="gray", lw=0.8, ls=":", label="uniform 1/K")
         ax.set_xlabel("model i")
         ax.set_ylabel("λ")
         ax.axhline(0, color="black", lw=0.6)
-        ax.legend(loc="upper right", fontsize=8)
+        handles = [Patch(facecolor=colour, edgecolor="black", lw=0.4, label=f"λ_i of {_label(method)}")]
+        if any(outside):
+            handles.append(Patch(facecolor=colour, edgecolor="black", lw=0.4, hatch="////", label="outside [0, 1]"))
+        handles += ax.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(f"{_label(method)}, {layer}", fontsize=10)
     return fig
 

@@ -61,7 +61,7 @@ import torch
 
 from .layers import Grouping
 
-__all__ = ["SoupConfig", "DEFAULTS", "config_for"]
+__all__ = ["SoupConfig", "DEFAULTS", "MAIN_TABLE_SETTINGS", "config_for"]
 
 
 @dataclass(frozen=True)
@@ -233,3 +233,12 @@ def config_for(name: str, **options: Any) -> SoupConfig:
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for make_soup({name!r}); valid: {sorted(valid)}")
     return replace(DEFAULTS[name], **options)
+
+
+# Notebook 02's settings at the embedded scale (its parameters cell holds the same literals: papermill reads only
+# literals there, and tests/test_cli.py keeps both equal). `python -m soupkit --zoo` defaults to them through
+# experiment.main_table_options, so one method on one zoo gives one soup in the notebook and on the command line.
+MAIN_TABLE_SETTINGS: dict[str, Any] = {
+    "heldout_size": 2000, "select_fraction": 0.0, "batch_size": 128, "eval_batch_size": 500, "seed": 0,
+    "model_batch_size": 8, "learned_lr": 0.05, "hyperplane_lr": 0.01, "weight_decay": 0.0, "epochs": 5.0,
+}

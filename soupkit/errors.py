@@ -5,7 +5,9 @@ so ``except ValueError`` keeps working.
 """
 from __future__ import annotations
 
-__all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning"]
+__all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
+           "ParameterError", "MissingInputError", "CheckpointLayoutError", "ZooMismatchError", "DownloadError",
+           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError"]
 
 
 class SoupkitError(Exception):
@@ -30,3 +32,45 @@ class ResumeError(SoupkitError, ValueError):
 
 class SharedBasinWarning(UserWarning):
     """The pool's models do not look like fine-tunes of one pretrained model: a soup of them may collapse."""
+
+
+class ParameterError(SoupkitError, ValueError):
+    """A notebook parameter (or a command-line argument) has a value the notebook cannot use: the message names
+    it, the values it accepts and the fix."""
+
+
+class MissingInputError(SoupkitError, FileNotFoundError):
+    """An input another notebook writes is not there: the message names the path and the notebook to run first."""
+
+
+class CheckpointLayoutError(CheckpointError):
+    """A state dict does not fit the classifier: the message names the source and lists the keys at fault."""
+
+
+class ZooMismatchError(SoupkitError, RuntimeError):
+    """The zoo on disk was built with another recipe or split file."""
+
+
+class DownloadError(SoupkitError, RuntimeError):
+    """A file could not be downloaded: the message names the file and the URL."""
+
+
+class IntegrityError(DownloadError):
+    """A downloaded file has the wrong size or sha256: the message names the file."""
+
+
+class SweepError(SoupkitError, RuntimeError):
+    """The output folder belongs to another sweep or is inconsistent: the message names the file."""
+
+
+class MemoryCapExceeded(SoupkitError, MemoryError):
+    """A block of code needed more memory than its cap (the paper's ">256GB": the run did not fit)."""
+
+    def __init__(self, cap_bytes: int, seen_bytes: int, source: str) -> None:
+        super().__init__(f"needed more than the memory cap of {cap_bytes / 2**20:.1f} MB "
+                         f"(at least {seen_bytes / 2**20:.1f} MB, {source})")
+        self.cap_bytes, self.seen_bytes, self.source = cap_bytes, seen_bytes, source
+
+
+class PlanError(SoupkitError, ValueError):
+    """An argument the planner cannot use (unknown method, K < 1, a missing zoo, ...); the message says which."""

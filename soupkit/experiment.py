@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,15 +26,17 @@ from tqdm.auto import tqdm
 from .data import make_loader
 from .evaluation import accuracy, soup_logits
 from .io import atomic_write_json, atomic_write_text
+from .config import MAIN_TABLE_SETTINGS
 from .errors import DivergenceError
 from .memory import MemoryCapExceeded
 from .numerics import numerics_info
+from .progress import ENV as PROGRESS_ENV, report
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
 from .sources import open_zoo
 from .zoo import Zoo
 
-__all__ = ["RunSpec", "predictions_path", "write_predictions", "read_correct", "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated",
+__all__ = ["RunSpec", "MAIN_TABLE_SETTINGS", "main_table_options", "predictions_path", "write_predictions", "read_correct", "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated",
            "run_methods"]
 
 
@@ -83,6 +86,19 @@ def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float 
         if method.startswith("mehl") and model_batch_size is not None:
             opts["model_batch_size"] = model_batch_size
     return opts
+
+
+_LEARNING_KEYS = ("learned_lr", "hyperplane_lr", "weight_decay", "epochs", "model_batch_size")
+
+
+def main_table_options(method: str, num_models: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """``make_soup`` options of ``method`` as notebook 02 runs it (:data:`MAIN_TABLE_SETTINGS` through
+    :func:`soup_options`); ``overrides`` are ``soup_options`` keywords. ``model_batch_size`` is capped at
+    ``num_models`` (b above K is one block of all K, and make_soup would warn)."""
+    settings = {**{k: MAIN_TABLE_SETTINGS[k] for k in _LEARNING_KEYS}, **overrides}
+    if num_models is not None and settings.get("model_batch_size") is not None:
+        settings["model_batch_size"] = min(settings["model_batch_size"], num_models)
+    return soup_options(method, **settings)
 
 
 def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
@@ -154,8 +170,22 @@ def read_correct(record: str | os.PathLike) -> "np.ndarray":
     return table[:, 0] == table[:, 1]
 
 
+def _report_done(spec: RunSpec, record: dict[str, Any], seconds: float) -> None:
+    """One progress line for a finished run (``soupkit.progress``: on in notebooks, off elsewhere)."""
+    acc = record.get("test_accuracy")
+    report(f"{spec.method}: {record.get('status', 'ok')}" + (f", test accuracy {100 * acc:.2f} %" if acc is not None
+           else "") + f", {seconds:.0f} s -> {spec.record}")
+
+
 def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     """Run ``spec`` in this process; write and return its record (accuracies as fractions)."""
+    started = time.perf_counter()
+    record = _run_method(spec, progress)
+    _report_done(spec, record, time.perf_counter() - started)
+    return record
+
+
+def _run_method(spec: RunSpec, progress: bool) -> dict[str, Any]:
     zoo = open_zoo(spec.zoo_dir)
     indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
     pool = CheckpointPool([zoo.paths[i] for i in indices])
@@ -208,11 +238,15 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
 def run_isolated(spec: RunSpec, timeout: float | None = None) -> dict[str, Any]:
     """:func:`run_method` in a fresh Python process (honest peak memory); returns the record it wrote."""
     payload = json.dumps(asdict(spec))
+    started = time.perf_counter()
+    # the child's own progress line would only land in the captured stderr: this process reports instead
     proc = subprocess.run([sys.executable, "-m", "soupkit.experiment", payload], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: "0"})
     if proc.returncode != 0:
         raise RuntimeError(f"{spec.method} failed in its subprocess (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(Path(spec.record).read_text())
+    record = json.loads(Path(spec.record).read_text())
+    _report_done(spec, record, time.perf_counter() - started)
+    return record
 
 
 def run_methods(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, methods: Sequence[str] | None = None,

@@ -25,9 +25,10 @@ from typing import Iterable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from soupkit.io import atomic_write_json
+from soupkit.errors import DownloadError, IntegrityError
 
 __all__ = [
-    "RELEASE_URL", "RELEASE_NUM_MODELS", "MANIFEST_NAME", "DownloadConfig", "DownloadError", "IntegrityError",
+    "RELEASE_URL", "RELEASE_NUM_MODELS", "MANIFEST_NAME", "DownloadConfig", 
     "checkpoint_filename", "sha256_file", "read_manifest", "download_file", "download_model_soups", "main",
 ]
 
@@ -50,14 +51,6 @@ class DownloadConfig:
     chunk_bytes: int = 1 << 20
     progress: bool = True
     verify_existing: bool = False  # re-hash files the manifest already lists as verified
-
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded: the message names the file and the URL."""
-
-
-class IntegrityError(DownloadError):
-    """A downloaded file has the wrong size or sha256: the message names the file."""
 
 
 class _Retryable(Exception):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write_text", "atomic_write_json", "default_file_mode", "apply_umask"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -25,3 +25,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file in this process: 0o666 less the umask (0o644 for umask 022)."""
+    mask = os.umask(0)  # the only portable way to read the umask is to set it; put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def apply_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` the process's default file mode.
+
+    safetensors (and ``tempfile``) create files readable by their owner only (0o600) whatever the umask;
+    soups, coefficients and zoos are shared with teammates like any other output file.
+    """
+    os.chmod(path, default_file_mode())
+    return Path(path)

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory", "MemoryCap", "MemoryCapExceeded", "current_rss_bytes"]
+from .errors import MemoryCapExceeded
+
+__all__ = ["PeakMemory", "MemoryCap", "current_rss_bytes"]
 
 
 def _status_kib(field: str) -> int | None:
@@ -106,15 +108,6 @@ class PeakMemory:
     def __repr__(self) -> str:
         return f"PeakMemory(device={self.device}, peak_bytes={self.peak_bytes}, source={self.source!r})"
 
-
-
-class MemoryCapExceeded(MemoryError):
-    """A block of code needed more memory than its cap (the paper's ">256GB": the run did not fit)."""
-
-    def __init__(self, cap_bytes: int, seen_bytes: int, source: str) -> None:
-        super().__init__(f"needed more than the memory cap of {cap_bytes / 2**20:.1f} MB "
-                         f"(at least {seen_bytes / 2**20:.1f} MB, {source})")
-        self.cap_bytes, self.seen_bytes, self.source = cap_bytes, seen_bytes, source
 
 
 class MemoryCap:

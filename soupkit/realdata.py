@@ -26,19 +26,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from soupkit._compat import import_open_clip, import_torchvision
 from soupkit.io import atomic_write_text
+from soupkit.errors import DataError
 
 __all__ = [
-    "HeldoutSplit", "DataSplits", "DataError", "per_class_heldout", "random_heldout", "mask_heldout",
+    "HeldoutSplit", "DataSplits", "per_class_heldout", "random_heldout", "mask_heldout",
     "load_or_create_split", "read_split", "clip_transform", "ArrayImageDataset", "read_cifar",
     "write_cifar_dir", "imagenet_splits", "cifar_splits", "load_splits", "make_loader",
 ]
 
 SPLIT_FORMAT = "soupkit-heldout/1"
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-
-
-class DataError(ValueError):
-    """A data directory, data file or split file is missing or inconsistent: the message names the file."""
 
 
 @dataclass(frozen=True)

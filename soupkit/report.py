@@ -1,9 +1,9 @@
-"""The README's result tables, generated from the committed result files (never typed in).
+"""The result tables of README.md and docs/*.md, generated from the committed result files (never typed in).
 
-The README holds blocks between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; this module renders
-each from ``figures/*.csv`` and ``data/*``, and a test checks that the README's copy is the rendered one.
+The documents hold blocks between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; this module renders
+each from ``figures/*.csv`` and ``data/*``, and a test checks that every document's copy is the rendered one.
 
-    python -m soupkit.report --write     # refresh README.md's generated blocks after `make update-committed`
+    python -m soupkit.report --write     # refresh the generated blocks after `make update-committed`
     python -m soupkit.report --check     # exit 1 when a block differs from what the files give
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-__all__ = ["BLOCKS", "render", "update_readme", "main"]
+__all__ = ["BLOCKS", "DOCUMENTS", "render", "update_readme", "update_documents", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,35 @@ def claims_block(figures: Path, data: Path) -> str:
     return (figures / "claims.md").read_text().strip()
 
 
+def verdicts_block(figures: Path, data: Path) -> str:
+    """One line per verdict of the claims table, naming its claims: the README's summary, never typed in."""
+    t = pd.read_csv(figures / "claims.csv")
+    lines = []
+    order = ["reproduces", "contradicted", "cannot tell at this scale"]
+    for verdict in order + sorted(set(t["verdict"]) - set(order)):
+        rows = t[t["verdict"] == verdict]
+        if len(rows):
+            # the claims without their trailing unit, "(points)" or "(ratio; ...)"
+            claims = "; ".join(re.sub(r" \((points|ratio)[^()]*\)$", "", c) for c in rows["claim"])
+            lines.append(f"- **{verdict}** ({len(rows)} of {len(t)}): {claims}.")
+    return "\n".join(lines)
+
+
+def plan_check_block(figures: Path, data: Path) -> str:
+    """The memory planner's prediction beside the measured peak, per method and K (benchmarks/plan_check.py)."""
+    t = pd.read_csv(data / "results" / "plan_check_cpu.csv")
+    ks = sorted(t["K"].unique())
+    rows = []
+    for method, g in t.groupby("method", sort=False):
+        by_k = {int(r["K"]): f"{r['predicted_mb']:.1f} / {r['measured_mb']:.1f} ({r['ratio']:.2f})" for _, r in g.iterrows()}
+        rows.append([f"`{method}`", f"`{g['formula'].iloc[0]}`", *[by_k.get(int(k), "-") for k in ks]])
+    within = int(t["within"].sum())
+    return (_table(["method", "CPU formula", *[f"K = {k}: predicted / measured MB (ratio)" for k in ks]], rows)
+            + f"\n\n{within} of {len(t)} (method, K) within 15 % (MEHL b = "
+              f"{int(t[t['method'].str.startswith('mehl')]['b'].max())}, data batch "
+              f"{int(t['batch'].iloc[0])}; each in a fresh process, one measurement each).")
+
+
 def numerics_block(figures: Path, data: Path) -> str:
     t = pd.read_csv(data / "results" / "numerics_cpu.csv")
     rows = [[r["numerics"], r["setting"], r["cpu_capability"], f"`{r['sha256']}`"] for _, r in t.iterrows()]
@@ -98,7 +127,7 @@ def power_block(figures: Path, data: Path) -> str:
 BLOCKS: dict[str, Callable[[Path, Path], str]] = {
     "main_table": main_table_block, "seeds": seeds_block, "seed_comparisons": seed_comparisons_block,
     "power": power_block,
-    "claims": claims_block, "numerics": numerics_block, "tolerances": tolerances_block,
+    "claims": claims_block, "verdicts": verdicts_block, "plan_check": plan_check_block, "numerics": numerics_block, "tolerances": tolerances_block,
 }
 _BLOCK = re.compile(r"<!-- generated: (?P<name>[a-z_]+) -->\n(?P<body>.*?)\n?<!-- end: (?P=name) -->", re.S)
 
@@ -129,13 +158,32 @@ def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[s
     return changed
 
 
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+DOCUMENTS: Callable[[], list[Path]] = _documents
+
+
+def update_documents(paths: Sequence[Path] | None = None, write: bool = True) -> dict[str, list[str]]:
+    """:func:`update_readme` on README.md and every docs/*.md; returns ``{file name: changed blocks}`` (those
+    with a change only)."""
+    out = {}
+    for path in paths if paths is not None else DOCUMENTS():
+        changed = update_readme(path, write=write)
+        if changed:
+            out[str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)] = changed
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m soupkit.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the README's generated blocks")
+    parser.add_argument("--write", action="store_true", help="rewrite the generated blocks of README.md and docs/")
     parser.add_argument("--check", action="store_true", help="exit 1 when a block differs")
     args = parser.parse_args(argv)
-    changed = update_readme(write=args.write)
-    print(("rewrote: " if args.write else "differ: ") + (", ".join(changed) or "none"))
+    changed = update_documents(write=args.write)
+    listing = "; ".join(f"{f}: {', '.join(names)}" for f, names in changed.items())
+    print(("rewrote: " if args.write else "differ: ") + (listing or "none"))
     return 1 if args.check and changed else 0
 
 

@@ -20,6 +20,17 @@ the committed results, for the presets in ``COMMITTED_FIGURES``) draws them unde
 each executed notebook over ``notebooks/``.
 ``EXTRA`` notebooks (10, the multi-seed study) run only when a preset's ``only`` or ``--only`` names them.
 
+The console shows one line per notebook started / done and, prefixed with the notebook's name, what its kernel
+writes to stderr: soupkit's one line per finished soup (``soupkit.progress``) and any warning; its stdout
+(tables, prints) stays in the executed notebook. By hand, ``papermill --stderr-file /dev/stderr`` shows the same
+lines (``--log-output`` shows every output). Kernels get CurveZMQ transport encryption where their kernelspec
+declares it (``KernelManager.transport_encryption = "auto"``; ipykernel's does), which also ends ipykernel's
+"Kernel is running over TCP without encryption" warning; papermill by hand has no switch for it.
+
+Committed notebooks (``--update-committed``) hold no injected-parameters cell and no path of this machine: the
+preset and the parameters it gave are in ``metadata.soupkit``, and the kernelspec is pinned to what JupyterLab 4
+writes (``KERNELSPEC``), so opening a committed notebook does not modify it.
+
 With ``jobs > 1`` notebooks whose inputs are ready run side by side (``DEPENDS``: the zoo notebooks 01, 03 and
 09 need nothing, 05 reads 02's soups, the rest read 01's zoo), each kernel with ``cpu_count // jobs`` torch
 threads; results do not depend on it (zoos fix their own thread count). A failed notebook stops only the
@@ -28,18 +39,19 @@ notebooks that depend on it; the others finish, and the runner then raises with 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
-__all__ = ["NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "stages", "load_preset", "notebook_parameters",
-           "run_notebooks", "main"]
+__all__ = ["NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
+           "notebook_parameters", "pin_metadata", "run_notebooks", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -63,6 +75,9 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 }
 # presets whose results are the committed ones (figures/ and notebooks/, refreshed with --update-committed)
 COMMITTED_FIGURES: tuple[str, ...] = ("embedded", "seeds")
+# the kernelspec JupyterLab 4 writes on opening a notebook (ipykernel's display name): committed as is, so an
+# autosave does not modify a committed notebook
+KERNELSPEC: dict[str, str] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 
 def stages(names: Sequence[str] | None = None) -> list[list[str]]:
@@ -108,15 +123,28 @@ def notebook_parameters(preset: str, name: str) -> dict[str, Any]:
     spec = load_preset(preset)
     path = NOTEBOOK_DIR / f"{name}.ipynb"
     if not path.is_file():
-        raise ValueError(f"unknown notebook {name!r}; available: {[n for n in NOTEBOOKS if (NOTEBOOK_DIR / f'{n}.ipynb').exists()]}")
+        available = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+        raise ValueError(f"unknown notebook {name!r}; available: {', '.join(available)}")
     declared = _declared_parameters(path)
     params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
     return {key: value for key, value in params.items() if key in declared}
 
 
-def _commit_copy(executed: Path, source: Path) -> None:
+def pin_metadata(metadata: dict[str, Any], preset: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``metadata`` (a notebook's, changed in place and returned) with the pinned :data:`KERNELSPEC` and, when
+    given, ``soupkit: {preset, parameters}``: the record of what a committed notebook was run with."""
+    metadata["kernelspec"] = dict(KERNELSPEC)
+    if parameters is not None:
+        metadata["soupkit"] = {"preset": preset, "parameters": dict(parameters)}
+    return metadata
+
+
+def _commit_copy(executed: Path, source: Path, preset: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> None:
     """Copy an executed notebook over its source, without papermill's record of this machine's paths and
-    without its injected-parameters cell (committed, it would override a user's edits of the parameters cell)."""
+    without its injected-parameters cell (committed, it would override a user's edits of the parameters cell);
+    the parameters it ran with go to ``metadata.soupkit`` instead, beside the pinned kernelspec."""
     import nbformat  # noqa: PLC0415
 
     nb = nbformat.read(executed, as_version=4)
@@ -125,7 +153,54 @@ def _commit_copy(executed: Path, source: Path) -> None:
     for key in ("input_path", "output_path"):
         if key in record:
             record[key] = f"notebooks/{source.name}"
+    pin_metadata(nb.metadata, preset, parameters)
     nbformat.write(nb, source)
+
+
+class _Prefixed:
+    """A text stream for papermill's ``stderr_file``: each line of a kernel's stderr to this process's stderr,
+    prefixed with the notebook's name (several notebooks may run at once), whole lines only."""
+
+    def __init__(self, name: str, lock: threading.Lock) -> None:
+        self.name, self.lock, self.pending = name, lock, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text.replace("\r", "\n")  # a tqdm bar's redraws become lines, not one growing line
+        *lines, self.pending = self.pending.split("\n")
+        with self.lock:
+            for line in lines:
+                if line.strip():
+                    print(f"  {self.name}: {line}", file=sys.stderr, flush=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.pending.strip():
+            self.write("\n")
+
+
+def _kernel_config() -> Any:
+    """nbclient's config for the kernels: CurveZMQ encryption where the kernelspec supports it (ipykernel's does),
+    which also ends ipykernel's warning about TCP without encryption."""
+    from traitlets.config import Config  # noqa: PLC0415
+
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
+
+
+def _select(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
+    """The notebooks to run; ValueError naming an unknown one (before anything is created)."""
+    names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+    only = only or spec.get("only")
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown notebook {unknown[0]!r}{hint}; available: {', '.join(names)}")
+        return [n for n in names if n in only]
+    return [n for n in names if n not in EXTRA]
 
 
 def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", only: Sequence[str] | None = None,
@@ -148,18 +223,10 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     spec = load_preset(preset)
+    names = _select(spec, only)  # every argument checked before anything is created
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     figures = ROOT / "figures" if update_committed else out / "figures"
-    names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
-    only = only or spec.get("only")
-    if only:
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise ValueError(f"unknown notebook(s) {unknown}; available: {names}")
-        names = [n for n in names if n in only]
-    else:
-        names = [n for n in names if n not in EXTRA]
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if jobs > 1:  # kernels inherit the environment: keep jobs x threads within the machine's cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -181,12 +248,17 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         target = out / "notebooks" / f"{name}.ipynb"
         say(f"[{k}/{len(names)}] {name} ({Path(preset).stem}) started")
         start = time.perf_counter()
-        papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
-                                   kernel_name=kernel, progress_bar=False)
+        stderr = _Prefixed(name, lock)
+        try:
+            papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                       kernel_name=kernel, progress_bar=False, stderr_file=stderr,
+                                       config=_kernel_config())
+        finally:
+            stderr.close()
         seconds = time.perf_counter() - start
         say(f"[{k}/{len(names)}] {name} done in {seconds:.0f} s")
         if update_committed:
-            _commit_copy(target, source)
+            _commit_copy(target, source, Path(preset).stem, params)
         return seconds
 
     timings: list[tuple[str, float]] = []
@@ -230,30 +302,59 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     return timings
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1 (notebooks run at once), not {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line; argument errors (unknown preset or notebook, bad --jobs) exit with one line, status 2,
+    before anything is created; failed notebooks exit with their list, status 1."""
+    parser = _Parser(prog="python -m soupkit.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="embedded", help="preset name (presets/<name>.yaml) or path")
     parser.add_argument("--out", default="outputs", help="output folder")
     parser.add_argument("--only", nargs="*", help="notebook names to run (default: the preset's `only`, else all "
                         "but EXTRA)")
     parser.add_argument("--update-committed", action="store_true",
                         help="copy executed notebooks back into notebooks/ (refreshes committed outputs)")
-    parser.add_argument("--kernel", default="python3")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once when their inputs are ready")
+    parser.add_argument("--kernel", default="python3",
+                        help="Jupyter kernel the notebooks run on (default python3: this environment's ipykernel; "
+                        "`jupyter kernelspec list` shows the others)")
+    parser.add_argument("--jobs", type=_jobs, default=1, help="notebooks run at once when their inputs are ready")
     parser.add_argument("--params", metavar="NOTEBOOK",
                         help="print the preset's parameters for one notebook as YAML (for papermill -f) and exit")
     parser.add_argument("--stages", action="store_true",
                         help="print the notebooks, one line per group that may run at once, and exit")
     args = parser.parse_args(argv)
-    if args.params:
-        print(yaml.safe_dump(notebook_parameters(args.preset, args.params), sort_keys=False), end="")
-        return []
     if args.stages:
         existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists() and n not in EXTRA]
         for group in stages(existing):
             print(" ".join(f"notebooks/{n}.ipynb" for n in group))
         return []
-    return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel, args.jobs)
+    try:
+        spec = load_preset(args.preset)
+        if args.params:
+            print(yaml.safe_dump(notebook_parameters(args.preset, args.params), sort_keys=False), end="")
+            return []
+        _select(spec, args.only)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    try:
+        return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel, args.jobs)
+    except RuntimeError as err:  # the notebooks that failed, each with its error: no traceback of the runner
+        parser.exit(1, f"{parser.prog}: {err}\n")
 
 
 if __name__ == "__main__":

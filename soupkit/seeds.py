@@ -340,7 +340,12 @@ def plot_seed_study(summary: pd.DataFrame, records: pd.DataFrame, comparisons: p
     """Left: per method the mean test accuracy over seeds with its t interval (bars) and each seed's accuracy
     (points); right (when ``comparisons`` has rows): per pair the mean paired difference a - b with its t
     interval and each seed's difference, with 0 marked. Inputs: :func:`seed_summary`, the records, and
-    :func:`seed_comparisons`."""
+    :func:`seed_comparisons`. Methods in their palette colour (:mod:`soupkit.plots`); the accuracy axis starts
+    at 0 when the differences panel is drawn (it shows the gaps), else it is marked broken."""
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+
+    from .plots import device_title, legend_below, mark_broken_axis, method_colour, method_style  # noqa: PLC0415
+
     panels = 2 if comparisons is not None and len(comparisons) else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 0.45 * max(len(summary), 4) + 1.6), squeeze=False)
     ax = axes[0, 0]
@@ -348,37 +353,50 @@ def plot_seed_study(summary: pd.DataFrame, records: pd.DataFrame, comparisons: p
     seeds = sorted(pd.unique(ok["seed"]))
     markers = dict(zip(seeds, "os^Dvp*hX<>" * 4))
     y = np.arange(len(summary))
-    err = np.vstack([summary["mean test acc (%)"] - summary["t low (%)"],
-                     summary["t high (%)"] - summary["mean test acc (%)"]])
-    ax.errorbar(summary["mean test acc (%)"], y, xerr=np.nan_to_num(err), fmt="o", color="black", capsize=4,
-                label="mean, t interval over seeds")
+    mean = summary["mean test acc (%)"]
+    err = np.vstack([mean - summary["t low (%)"], summary["t high (%)"] - mean])
     for i, method in enumerate(summary["method"]):
+        colour = method_colour(method)
+        ax.errorbar(mean.iloc[i], i, xerr=np.nan_to_num(err[:, i:i + 1]), fmt=method_style(method)["marker"],
+                    color=colour, capsize=4, ms=7, zorder=3)
         part = ok[ok["method"] == method]
         for seed, acc in zip(part["seed"], part["test_accuracy"]):
-            ax.scatter(100 * acc, i + 0.22, marker=markers[seed], s=18, color="tab:red" if method.startswith("mehl")
-                       else "tab:blue", alpha=0.7, label=f"seed {seed}" if i == 0 else None)
+            ax.scatter(100 * acc, i + 0.25, marker=markers[seed], s=16, facecolors="none", edgecolors=colour,
+                       alpha=0.9)
     ax.set_yticks(y, summary["Method"])
-    ax.invert_yaxis()
+    ax.set_ylim(len(summary) - 0.5, -0.5)
     ax.set_xlabel("test accuracy (%)")
+    if panels == 2:
+        ax.set_xlim(0, 100)
+    else:
+        mark_broken_axis(ax, "x")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
     if panels == 2:
         ax = axes[0, 1]
         y = np.arange(len(comparisons))
-        mean = comparisons["mean difference (points)"]
-        err = np.vstack([mean - comparisons["t low (points)"], comparisons["t high (points)"] - mean])
-        ax.errorbar(mean, y, xerr=np.nan_to_num(err), fmt="o", color="black", capsize=4)
+        diff = comparisons["mean difference (points)"]
+        err = np.vstack([diff - comparisons["t low (points)"], comparisons["t high (points)"] - diff])
         columns = [c for c in comparisons.columns if c.startswith("seed ") and c.endswith("(points)")]
         for i, (_, row) in enumerate(comparisons.iterrows()):
+            colour = method_colour(row["a"])  # a pair in the colour of its first method
+            ax.errorbar(diff.iloc[i], i, xerr=np.nan_to_num(err[:, i:i + 1]), fmt="o", color=colour, capsize=4,
+                        ms=7, zorder=3)
             for c in columns:
                 if pd.notna(row[c]):
                     seed = int(c.split()[1])
-                    ax.scatter(row[c], i + 0.22, marker=markers.get(seed, "o"), s=18, color="tab:gray", alpha=0.8)
+                    ax.scatter(row[c], i + 0.25, marker=markers.get(seed, "o"), s=16, facecolors="none",
+                               edgecolors=colour, alpha=0.9)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(y, [f"{DISPLAY.get(a, a)} - {DISPLAY.get(b, b)}" for a, b in zip(comparisons.a, comparisons.b)])
-        ax.invert_yaxis()
+        ax.set_ylim(len(comparisons) - 0.5, -0.5)
         ax.set_xlabel("paired test-accuracy difference (points)")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(device_title(title))
     fig.tight_layout()
+    handles = [Line2D([], [], color="0.3", marker="o", ls="-", label="mean, t interval over seeds")]
+    handles += [Line2D([], [], color="0.3", marker=markers[s], mfc="none", ls="none", label=f"seed {s}")
+                for s in seeds]
+    handles += [Line2D([], [], color=method_colour(m), marker="s", ls="none", label=DISPLAY.get(m, m))
+                for m in dict.fromkeys(summary["method"])]
+    legend_below(fig, handles)
     return fig

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
 from .experiment import RunSpec, run_method, run_methods, zoo_table
+from .plots import device_title, legend_below, mark_broken_axis, method_colour, method_handles, method_style
 from .results import DISPLAY, with_test_intervals, write_csv
 from .soup_result import SoupResult
 from .sources import open_zoo
@@ -37,9 +40,6 @@ __all__ = [
 ]
 
 PAPER_MODELS = 72  # fine-tunes of the paper's ViT-B/32 zoo (model-soups' checkpoints)
-_COLOURS = {"greedy": "tab:gray", "learned+": "tab:blue", "learned": "tab:cyan", "hl+": "tab:purple",
-            "mehl+": "tab:red", "mehl+released": "tab:pink", "mehl": "tab:orange", "uniform": "tab:olive",
-            "best": "black"}
 
 
 def parse_list(text: str, cast: Callable[[str], Any] = int) -> list[Any]:
@@ -305,14 +305,15 @@ def heldout_size_table(records: pd.DataFrame) -> pd.DataFrame:
 # ---- figures --------------------------------------------------------------------------------------------------
 def _line(ax: plt.Axes, x: Sequence[float], y: Sequence[float], method: str, **kw: Any) -> str:
     """One method's line; returns its colour."""
-    (line,) = ax.plot(x, y, marker="o", color=_COLOURS.get(method), label=DISPLAY.get(method, method), **kw)
+    style = {**method_style(method), **kw}
+    (line,) = ax.plot(x, y, label=DISPLAY.get(method, method), **style)
     return line.get_color()
 
 
-def _test_line(ax: plt.Axes, rows: pd.DataFrame, x: str, method: str) -> bool:
+def _test_line(ax: plt.Axes, rows: pd.DataFrame, x: str, method: str, **kw: Any) -> bool:
     """The method's test accuracy (%) against ``rows[x]`` with its 95 % interval over test images as a shaded
     band (where the rows have ``test_low`` / ``test_high``); whether a band was drawn."""
-    colour = _line(ax, rows[x], 100 * rows["test_accuracy"], method)
+    colour = _line(ax, rows[x], 100 * rows["test_accuracy"], method, **kw)
     if "test_low" not in rows or "test_high" not in rows:
         return False
     low, high = (pd.to_numeric(rows[c], errors="coerce") for c in ("test_low", "test_high"))
@@ -331,11 +332,13 @@ def _test_line(ax: plt.Axes, rows: pd.DataFrame, x: str, method: str) -> bool:
     return True
 
 
-def _finish(fig: plt.Figure, ax: plt.Axes, title: str) -> plt.Figure:
+def _finish(fig: plt.Figure, ax: plt.Axes, title: str, handles: list[Any] | None = None) -> plt.Figure:
+    """Grid, broken-axis mark (accuracy is zoomed onto the data), title and a legend right of the axes."""
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=10)
+    mark_broken_axis(ax, "y")
+    ax.set_title(device_title(title), fontsize=10)
     fig.tight_layout()
+    legend_below(fig, handles if handles is not None else ax.get_legend_handles_labels()[0], ncol=3)
     return fig
 
 
@@ -359,9 +362,14 @@ def plot_top_models(records: pd.DataFrame, title: str, paper: pd.DataFrame | Non
         ax.set_ylabel("test accuracy (%)" + (", band: 95 % interval" if banded else ""))
         ax.set_title("ours" if frame is records else "paper (ViT-B/32, ImageNet)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+        mark_broken_axis(ax, "y")
+    fig.suptitle(device_title(title))
     fig.tight_layout()
+    methods = list(dict.fromkeys(list(records["method"]) + (list(paper["method"]) if paper is not None else [])))
+    handles = method_handles(methods)
+    if any(len(ax.collections) for ax in axes[0]):
+        handles.append(Patch(facecolor="0.5", alpha=0.25, label="ours: 95 % interval over test images"))
+    legend_below(fig, handles)
     return fig
 
 
@@ -372,17 +380,26 @@ def plot_finetuning_cost(records: pd.DataFrame, title: str, target: float | None
     records = with_test_intervals(records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     banded = False
+    top = records.groupby("num_finetuned")["test_accuracy"].max()
     for method, rows in records.groupby("method", sort=False):
         rows = rows.sort_values("num_finetuned")
         banded |= _test_line(ax, rows, "finetune_seconds", method)
         for x, y, n in zip(rows["finetune_seconds"], 100 * rows["test_accuracy"], rows["num_finetuned"]):
-            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                        color=_COLOURS.get(method))
+            # the highest method's label above its point, the others' below: labels at one x do not overprint
+            above = pd.notna(y) and y >= 100 * top.get(n, np.nan)
+            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 5 if above else -11), fontsize=7,
+                        color=method_colour(method))
     if target is not None:
         ax.axhline(100 * target, color="black", ls="--", lw=0.8, label=f"target {100 * target:.2f} %")
-    ax.set_xlabel("fine-tuning cost of these models: measured seconds (zoo records), cumulative")
+    ax.set_xlabel("fine-tuning cost of these models: measured seconds (zoo records), cumulative\n"
+                  "(numbers: fine-tuned models in the soup)")
     ax.set_ylabel("test accuracy (%)" + (", band: 95 % interval" if banded else ""))
-    return _finish(fig, ax, title)
+    handles = method_handles(records["method"])
+    if banded:
+        handles.append(Patch(facecolor="0.5", alpha=0.25, label="95 % interval over test images"))
+    if target is not None:
+        handles.append(Line2D([], [], color="black", ls="--", lw=0.8, label=f"target {100 * target:.2f} %"))
+    return _finish(fig, ax, title, handles)
 
 
 def plot_heldout_size(records: pd.DataFrame, title: str) -> plt.Figure:
@@ -393,13 +410,18 @@ def plot_heldout_size(records: pd.DataFrame, title: str) -> plt.Figure:
     banded = False
     for method, rows in records.groupby("method", sort=False):
         rows = rows.sort_values("heldout_size")
-        banded |= _test_line(ax, rows, "heldout_size", method)
+        banded |= _test_line(ax, rows, "heldout_size", method, ls="-")  # dashed: held-out
         ax.plot(rows["heldout_size"], 100 * rows["heldout_accuracy"], ls="--", marker=".", alpha=0.6,
-                color=_COLOURS.get(method))
+                color=method_colour(method))
     sizes = sorted(records["heldout_size"].unique())
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
     ax.set_xlabel("held-out images (class-balanced)")
     ax.set_ylabel("accuracy (%): test solid" + (" (band: 95 %)" if banded else "") + ", held-out dashed")
-    return _finish(fig, ax, title)
+    handles = method_handles(records["method"], lines=False)
+    handles.append(Line2D([], [], color="0.3", ls="-", label="test accuracy"))
+    if banded:
+        handles.append(Patch(facecolor="0.5", alpha=0.25, label="test: 95 % interval over test images"))
+    handles.append(Line2D([], [], color="0.3", ls="--", marker=".", alpha=0.6, label="held-out accuracy"))
+    return _finish(fig, ax, title, handles)

@@ -35,8 +35,9 @@ from soupkit.hub import sha256_file
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.checkpoint_files import load_state_dict, save_state_dict
 from soupkit.realdata import DataSplits, clip_transform, load_splits, make_loader
+from soupkit.errors import SweepError
 
-__all__ = ["SweepConfig", "SweepError", "sample_hparams", "warmup_cosine", "run_sweep", "main"]
+__all__ = ["SweepConfig", "sample_hparams", "warmup_cosine", "run_sweep", "main"]
 
 RESULTS_NAME = "models.jsonl"  # same name and record fields as soupkit.zoo
 CONFIG_NAME = "sweep_config.json"
@@ -84,10 +85,6 @@ class SweepConfig:
     eval_test: bool = False
     max_steps: int | None = None  # cap optimizer steps per model (smoke runs)
     progress: bool = True
-
-
-class SweepError(RuntimeError):
-    """The output folder belongs to another sweep or is inconsistent: the message names the file."""
 
 
 def sample_hparams(index: int, config: SweepConfig) -> dict[str, Any]:

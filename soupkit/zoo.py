@@ -54,10 +54,12 @@ from soupkit.data import (DEFAULT_SPLIT_NAME, DEFAULT_SPLITS_DIR, TASKS, Splits,
                           regenerate_splits, split_path, to_tensor)
 from soupkit.models import ModelConfig, ViTClassifier, ViTConfig, build_classifier, model_config_from_dict
 from soupkit.zoo_recipe import PRETRAIN_FIELDS, PRETRAIN_SOURCES, load_train_data, pretrain_and_probe
+from soupkit.errors import ZooMismatchError
+from soupkit.progress import report
 from soupkit.zoo_recipe import accuracy as _accuracy
 from soupkit.zoo_recipe import train as _train  # looked up here at each call: tests count fine-tunes
 
-__all__ = ["ZooConfig", "FinetuneHParams", "sample_hparams", "ZooMismatchError", "Zoo", "build_zoo", "load_zoo",
+__all__ = ["ZooConfig", "FinetuneHParams", "sample_hparams", "Zoo", "build_zoo", "load_zoo",
            "seeded_split_name", "zoo_splits",
            "PRETRAIN_SOURCES", "TASKS"]
 
@@ -147,10 +149,6 @@ def sample_hparams(config: ZooConfig, index: int) -> FinetuneHParams:
         aug_strength=float(rng.choice(config.aug_choices)),
         seed=int(rng.integers(2**31 - 1)),
     )
-
-
-class ZooMismatchError(RuntimeError):
-    """The zoo on disk was built with another recipe or split file."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +299,7 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
                     "lp_test_acc": _accuracy(model, data.test_x, data.test_y),
                 },
             }
+            report(f"{out.name}: backbone pre-trained and probed in {info['backbone']['pretrain_seconds']:.0f} s")
             if pretrained_from is not None:
                 info["backbone"]["pretrained_from"] = str(pretrained_from)
         info["config"] = config.to_dict()
@@ -326,6 +325,8 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
                 "finetune_seconds": round(seconds, 2),
             }
             files.write_records(out, records)  # after the checkpoint: a line always points at a whole file
+            report(f"{out.name}: fine-tune {len(records)}/{config.k} done in {seconds:.0f} s "
+                   f"(held-out accuracy {100 * records[i]['heldout_acc']:.2f} %)")
     return load_zoo(out)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .io import apply_umask
+
 ZOO_FILES = ("zoo.json", "models.jsonl", "backbone.safetensors")
 
 
@@ -35,7 +37,7 @@ def atomic_save(state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]
     save_file(tensors, str(tmp), metadata={"soupkit": json.dumps(meta, sort_keys=True)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only; teammates read zoos
+    apply_umask(tmp)  # safetensors creates files readable by the owner only; teammates read zoos
     os.replace(tmp, path)
     return sha256_file(path)
 

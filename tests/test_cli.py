@@ -104,3 +104,60 @@ def test_baselines_run_from_the_command_line_too(tiny_arch, capsys):
     assert "uniform: K=4, 1 rank(s)" in capsys.readouterr().out
     result = soupkit.SoupResult.load(directory / "uniform")
     assert torch.allclose(result.coefficients, torch.full((4,), 0.25)) and "test_accuracy" not in result.stats
+
+
+# ---- one sentence for bad arguments; notebook 02's settings on a zoo -----------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["nosuch", "--out", "o", "--zoo", "z"], "'nosuch' is not a method; choose from best, uniform"),
+    (["mehl+", "--out", "o", "--zoo", "no/such/zoo"], "--zoo no/such/zoo: no such folder; build the zoo with "
+                                                     "notebooks/01_zoo.ipynb"),
+    (["mehl+", "--out", "o", "--zoo", "z", "--batch-size", "many"], "argument --batch-size: invalid int value"),
+])
+def test_bad_arguments_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "zoo.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("python -m soupkit: error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_no_zoo_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["mehl+", "--out", str(tmp_path / "o"), "--zoo", str(tmp_path)])
+    assert "not a zoo (no zoo.json or source.json in it)" in capsys.readouterr().err
+
+
+def test_the_command_line_runs_notebook_02s_options():
+    """Notebook 02's parameters cell and config.MAIN_TABLE_SETTINGS are the same numbers, and the CLI's options
+    on a zoo are what notebook 02's main cell passes (soup_options of its parameters), method by method."""
+    import ast
+
+    import nbformat
+
+    from soupkit import runner
+    from soupkit.config import MAIN_TABLE_SETTINGS
+    from soupkit.experiment import RunSpec, main_table_options, soup_options
+
+    nb = nbformat.read(runner.NOTEBOOK_DIR / "02_main_table.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    defaults = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(cell.source).body}
+    for key, value in MAIN_TABLE_SETTINGS.items():
+        assert (defaults[key] if key in defaults else getattr(RunSpec, key)) == value, key
+    for method in soupkit.METHODS:
+        notebook = soup_options(method, learned_lr=defaults["learned_lr"], hyperplane_lr=defaults["hyperplane_lr"],
+                                weight_decay=defaults["weight_decay"], epochs=defaults["epochs"],
+                                model_batch_size=defaults["model_batch_size"])
+        assert main_table_options(method, num_models=32) == notebook, method
+    assert main_table_options("mehl+", num_models=4)["model_batch_size"] == 4  # b above K: one block of K
+
+
+def test_accuracy_is_printed_in_percent_as_the_notebooks(tiny_arch, capsys):
+    directory, _ = tiny_arch
+    main(["uniform", "--arch", "tiny-arch", "--pool", str(directory / "model_*.pt"), "--data", "cifar10",
+          "--data-root", "x", "--workers", "0", "--out", str(directory / "uniform")])
+    acc = soupkit.SoupResult.load(directory / "uniform").stats["test_accuracy"]
+    assert f"test accuracy {100 * acc:.2f} % ->" in capsys.readouterr().out

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soupkit.clip_models import (MODEL_SOUPS_ARCH, TEXT_LEFTOVER_KEYS, CheckpointLayoutError, SoupClassifier,
+from soupkit.errors import CheckpointLayoutError
+from soupkit.clip_models import (MODEL_SOUPS_ARCH, TEXT_LEFTOVER_KEYS, SoupClassifier,
                                  build_model_soups_model, convert_checkpoint, create_clip,
                                  load_model_soups_checkpoint, load_weights, preprocess_config,
                                  register_model_config, to_model_soups_layout)

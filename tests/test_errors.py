@@ -270,3 +270,30 @@ def test_soupkit_errors_are_also_builtin_errors():
     assert soupkit.CheckpointError is CheckpointError and soupkit.pool.check_shared_basin is check_shared_basin
     with pytest.raises(SoupkitError):
         make_soup("hl", nn.Linear(2, 2), [{"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}], [], **FAST)
+
+
+def test_every_exception_soupkit_defines_is_a_soupkit_error_defined_in_errors() -> None:
+    """One hierarchy: `except soupkit.SoupkitError` catches every error soupkit raises on purpose, and each
+    class has one home (soupkit/errors.py), so no module defines a second DataError."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import soupkit.errors
+
+    homes = {}
+    for info in pkgutil.iter_modules(soupkit.__path__):
+        if info.name in ("__main__",):
+            continue
+        module = importlib.import_module(f"soupkit.{info.name}")
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__.startswith("soupkit"):
+                homes.setdefault(obj, set()).add(obj.__module__)
+    public = {cls for cls in homes if not cls.__name__.startswith("_")}
+    assert {cls.__module__ for cls in public} == {"soupkit.errors"}, \
+        sorted(f"{c.__module__}.{c.__name__}" for c in public if c.__module__ != "soupkit.errors")
+    errors = {cls for cls in public if not issubclass(cls, Warning)}
+    assert all(issubclass(cls, soupkit.errors.SoupkitError) for cls in errors), \
+        sorted(c.__name__ for c in errors if not issubclass(c, soupkit.errors.SoupkitError))
+    names = [c.__name__ for c in public]
+    assert len(names) == len(set(names))

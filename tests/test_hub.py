@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from soupkit.hub import (MANIFEST_NAME, DownloadConfig, DownloadError, IntegrityError, checkpoint_filename,
+from soupkit.errors import DownloadError, IntegrityError
+from soupkit.hub import (MANIFEST_NAME, DownloadConfig, checkpoint_filename,
                          download_file, download_model_soups, read_manifest)
 
 FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, chunk_bytes=7, progress=False)

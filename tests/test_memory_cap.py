@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from soupkit.experiment import RunSpec, run_isolated, run_method
-from soupkit.memory import MemoryCap, MemoryCapExceeded
+from soupkit.errors import MemoryCapExceeded
+from soupkit.memory import MemoryCap
 from soupkit.models import ViTConfig
 from soupkit.results import main_table, paper_table
 from soupkit.zoo import ZooConfig, build_zoo

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from soupkit._compat import import_torchvision
-from soupkit.realdata import (DataError, clip_transform, cifar_splits, imagenet_splits, load_splits,
+from soupkit.errors import DataError
+from soupkit.realdata import (clip_transform, cifar_splits, imagenet_splits, load_splits,
                               make_loader, mask_heldout, per_class_heldout, random_heldout, read_cifar,
                               write_cifar_dir)
 

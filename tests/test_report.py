@@ -1,25 +1,40 @@
-"""The README's result tables are the ones the committed result files give."""
+"""The result tables of README.md and docs/*.md are the ones the committed result files give."""
 from pathlib import Path
 
-from soupkit.report import BLOCKS, update_readme
+from soupkit.report import BLOCKS, DOCUMENTS, update_documents, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_has_every_generated_block() -> None:
-    text = (ROOT / "README.md").read_text()
+def test_every_generated_block_is_in_a_document() -> None:
+    text = "\n".join(p.read_text() for p in DOCUMENTS())
     for name in BLOCKS:
         assert f"<!-- generated: {name} -->" in text and f"<!-- end: {name} -->" in text, name
 
 
-def test_readme_blocks_equal_the_rendered_files() -> None:
-    assert update_readme(ROOT / "README.md", write=False) == [], \
-        "README.md's generated tables differ from figures/ and data/: run `python -m soupkit.report --write`"
+def test_the_readme_holds_the_claims_and_their_summary() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- generated: claims -->" in text and "<!-- generated: verdicts -->" in text
+
+
+def test_document_blocks_equal_the_rendered_files() -> None:
+    assert update_documents(write=False) == {}, \
+        "generated tables differ from figures/ and data/: run `python -m soupkit.report --write`"
 
 
 def test_a_changed_block_is_detected(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- generated: numerics -->\nstale\n<!-- end: numerics -->\n")
     assert update_readme(readme, write=False) == ["numerics"]
+    assert update_documents([readme], write=False) == {str(readme): ["numerics"]}
     assert update_readme(readme, write=True) == ["numerics"]
     assert update_readme(readme, write=False) == []
+
+
+def test_the_verdict_summary_names_every_claim_once(tmp_path: Path) -> None:
+    (tmp_path / "claims.csv").write_text(
+        "claim,verdict\nA beats B (points),reproduces\nC (released code) equals D (points),cannot tell at this scale\n"
+        "E / F memory (ratio; > 1: F cheaper),cannot tell at this scale\n")
+    text = BLOCKS["verdicts"](tmp_path, tmp_path)
+    assert text.splitlines() == ["- **reproduces** (1 of 3): A beats B.",
+                                 "- **cannot tell at this scale** (2 of 3): C (released code) equals D; E / F memory."]

@@ -56,6 +56,8 @@ def test_run_notebooks_passes_only_declared_parameters(tmp_path, monkeypatch):
     committed = nbformat.read(tmp_path / "nbs" / "01_zoo.ipynb", as_version=4)
     assert committed.cells[-1].outputs  # the source now carries the outputs ...
     assert str(tmp_path) not in json.dumps(committed.metadata)  # ... but no path of this machine
+    assert committed.metadata["kernelspec"] == runner.KERNELSPEC  # what JupyterLab writes: opening changes nothing
+    assert committed.metadata["soupkit"]["parameters"]["num_models"] == 3  # the run's parameters, not a cell
 
 
 def _records():
@@ -207,3 +209,53 @@ def test_main_table_shows_a_diverged_run_without_accuracy():
     assert table.loc["mehl+released", "note"] == "diverged (non-finite loss)"
     assert pd.isna(table.loc["mehl+released", "test acc (%)"])
     assert table.loc["mehl+", "note"] == ""
+
+
+# ---- argument errors are one sentence, before anything is created ---------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "05_nosuch"], "unknown notebook '05_nosuch'; available: 01_zoo, 02_main_table"),
+    (["--preset", "nosuch"], "preset 'nosuch' not found"),
+    (["--jobs", "0"], "argument --jobs: takes a whole number >= 1"),
+    (["--jobs", "two"], "argument --jobs: takes a whole number >= 1"),
+    (["--params", "05_nosuch"], "unknown notebook '05_nosuch'"),
+])
+def test_runner_argument_errors_are_one_line_and_create_nothing(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        runner.main([*argv, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert err.startswith("python -m soupkit.runner: error: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_runner_help_names_its_command_and_the_kernel(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m soupkit.runner") and "Jupyter kernel the notebooks run on" in out
+
+
+def test_commit_copy_pins_the_kernelspec_and_records_the_parameters(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["papermill"] = {"input_path": str(tmp_path / "a.ipynb"), "output_path": str(tmp_path / "b.ipynb")}
+    injected = nbformat.v4.new_code_cell("# Parameters\nout_dir = '../x'\n")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells = [nbformat.v4.new_code_cell("out_dir = '../outputs'"), injected]
+    nbformat.write(nb, tmp_path / "executed.ipynb")
+    runner._commit_copy(tmp_path / "executed.ipynb", tmp_path / "02_main_table.ipynb", "embedded", {"out_dir": "../x"})
+    committed = nbformat.read(tmp_path / "02_main_table.ipynb", as_version=4)
+    assert committed.metadata["kernelspec"] == runner.KERNELSPEC
+    assert committed.metadata["soupkit"] == {"preset": "embedded", "parameters": {"out_dir": "../x"}}
+    assert len(committed.cells) == 1 and str(tmp_path) not in json.dumps(committed.metadata)
+
+
+def test_kernel_stderr_reaches_the_console_line_by_line_with_the_notebook_name(capsys):
+    import threading
+
+    stream = runner._Prefixed("02_main_table", threading.Lock())
+    stream.write("[soupkit] best: ok")
+    assert capsys.readouterr().err == ""  # whole lines only
+    stream.write(", 1 s\n[soupkit] greedy")
+    stream.close()
+    assert capsys.readouterr().err == "  02_main_table: [soupkit] best: ok, 1 s\n  02_main_table: [soupkit] greedy\n"

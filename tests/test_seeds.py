@@ -18,7 +18,8 @@ from soupkit.models import ViTConfig
 from soupkit.seeds import read_seed_records, seed_comparisons, seed_study, seed_summary, seed_zoo_config, \
     seed_zoo_table
 from soupkit.stats import paired_difference
-from soupkit.zoo import ZooConfig, ZooMismatchError, build_zoo, load_zoo
+from soupkit.errors import ZooMismatchError
+from soupkit.zoo import ZooConfig, build_zoo, load_zoo
 
 T2 = t.ppf(0.975, 2)  # Student's t, 2 degrees of freedom (3 seeds): 4.3027
 

@@ -14,7 +14,8 @@ from soupkit.clip_models import build_model_soups_model, load_model_soups_checkp
 from soupkit.hub import sha256_file
 from soupkit.pool import CheckpointPool
 from soupkit.realdata import write_cifar_dir
-from soupkit.sweep import SweepConfig, SweepError, main, sample_hparams, warmup_cosine
+from soupkit.errors import SweepError
+from soupkit.sweep import SweepConfig, main, sample_hparams, warmup_cosine
 
 TINY = "soupkit-test-sweep-tiny"
 TINY_CFG = {  # the tokenizer emits CLIP's full vocabulary, so the zero-shot head needs vocab_size 49408

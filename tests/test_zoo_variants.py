@@ -15,7 +15,8 @@ from soupkit.data import TASKS, Corruption, corrupt_images, load_animal_mnist, l
 from soupkit.evaluation import evaluate
 from soupkit.experiment import run_methods
 from soupkit.models import ResNetConfig, ViTConfig, build_classifier, model_config_from_dict
-from soupkit.zoo import ZooConfig, ZooMismatchError, build_zoo, load_zoo
+from soupkit.errors import ZooMismatchError
+from soupkit.zoo import ZooConfig, build_zoo, load_zoo
 
 SMALL = dict(k=2, batch_size=64, pretrain_epochs=1, lp_steps=5, epoch_choices=(1,), max_pretrain=128,
              max_finetune=128, max_eval=100)

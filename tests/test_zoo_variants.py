@@ -137,6 +137,13 @@ def test_make_soup_on_resnet_pool_handles_bn(resnet_zoo) -> None:
     loader = [(x, y)]
     result = make_soup("learned+", model, [resnet_zoo.load_state_dict(i) for i in range(2)], loader, epochs=1.0,
                        progress=False)
-    assert "backbone.bn1.running_var" in result.state_dict
-    assert (result.state_dict["backbone.bn1.running_var"] > 0).all()
+    # BatchNorm statistics are mixed with the coefficients of their module's first parameter (the weight)
+    states = [resnet_zoo.load_state_dict(i) for i in range(2)]
+    c = result.coefficients[:, result.layer_names.index("backbone.bn1.weight")]
+    for buffer in ("running_mean", "running_var"):
+        key = f"backbone.bn1.{buffer}"
+        expected = sum(c[i] * s[key].double() for i, s in enumerate(states)).float()
+        assert torch.allclose(result.state_dict[key], expected, atol=1e-5), key
+    assert torch.equal(result.state_dict["backbone.bn1.num_batches_tracked"],
+                       states[0]["backbone.bn1.num_batches_tracked"])  # integer buffers: the first model's
     assert 0.0 <= evaluate(model, result, loader) <= 1.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import io
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 
 from memory_time import MALLOC_ENV  # noqa: E402  (the measuring setting of the memory benchmark)
 from soupkit import plan  # noqa: E402
+from soupkit.io import atomic_write_text  # noqa: E402
 
 METHODS = plan.FORMULAS.keys()
 COLUMNS = ["method", "K", "b", "batch", "predicted_mb", "measured_mb", "ratio", "within", "formula", "M_mb",
@@ -146,15 +148,12 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    return atomic_write_text(path, buf.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

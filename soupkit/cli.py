@@ -24,14 +24,14 @@ import warnings
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import MAIN_TABLE_SETTINGS, SoupConfig, config_for
-from .errors import SoupkitError
+from .errors import OneLineArgumentParser, SoupkitError
 from .methods import METHODS, make_soup
 from .pool import CheckpointPool
 
@@ -90,13 +90,6 @@ def expand_pool(patterns: Sequence[str], list_file: str | None = None) -> list[P
     return paths
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _method(text: str) -> str:
     if text not in METHODS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a method; choose from {', '.join(METHODS)}")
@@ -117,7 +110,7 @@ def _zoo_error(zoo: str) -> str | None:
 
 def _parser() -> argparse.ArgumentParser:
     options = sorted(f.name for f in fields(SoupConfig) if f.name not in _NOT_OPTIONS)
-    p = _Parser(prog="python -m soupkit", description="Run one soup method on a pool of "
+    p = OneLineArgumentParser(prog="python -m soupkit", description="Run one soup method on a pool of "
                 "checkpoints, in one process or on every rank of torchrun. On --zoo, with notebook 02's settings.",
                 epilog="Keys of --option (see soupkit.config.SoupConfig): " + ", ".join(options))
     p.add_argument("method", type=_method, metavar="METHOD", help="one of " + ", ".join(METHODS))

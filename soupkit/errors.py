@@ -5,6 +5,9 @@ so ``except ValueError`` keeps working.
 """
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
            "ParameterError", "MissingInputError", "CheckpointLayoutError", "ZooMismatchError", "DownloadError",
            "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError"]
@@ -74,3 +77,11 @@ class MemoryCapExceeded(SoupkitError, MemoryError):
 
 class PlanError(SoupkitError, ValueError):
     """An argument the planner cannot use (unknown method, K < 1, a missing zoo, ...); the message says which."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), exit status 2: the command lines' bad arguments
+    get a sentence, like every other input soupkit refuses."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

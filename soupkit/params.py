@@ -36,12 +36,11 @@ from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
 from .errors import MissingInputError, ParameterError
 from .methods import METHODS
+from .runner import NOTEBOOK_DIR
 
-__all__ = ["ParameterError", "MissingInputError", "Needs", "check_notebook", "declared_parameters",
-           "injected_names", "check_types", "check_unknown", "check_methods", "parse_methods", "enter_notebook_folder",
-           "check_inputs", "NOTEBOOK_DIR"]
+__all__ = ["Needs", "check_notebook", "declared_parameters", "injected_names", "check_types", "check_unknown",
+           "check_methods", "parse_methods", "enter_notebook_folder", "check_inputs"]
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 _INJECTED_MARK = "# Parameters"  # the first line of the cell papermill injects (its python translator)
 _KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
 
@@ -85,9 +84,14 @@ def _literal_assignments(source: str) -> dict[str, Any]:
     return found
 
 
+def _file_name(notebook: str) -> str:
+    """``"02_main_table"`` or ``"02_main_table.ipynb"`` -> ``"02_main_table.ipynb"``."""
+    return notebook if notebook.endswith(".ipynb") else f"{notebook}.ipynb"
+
+
 def _notebook_file(notebook: str) -> Path | None:
     """The notebook file: in the working folder (the copy being run) or else in the repository's notebooks/."""
-    name = notebook if notebook.endswith(".ipynb") else f"{notebook}.ipynb"
+    name = _file_name(notebook)
     for path in (Path.cwd() / name, NOTEBOOK_DIR / name):
         if path.is_file():
             return path
@@ -186,7 +190,7 @@ def check_methods(name: str, value: Any, allow_all: bool = False) -> list[str]:
 def enter_notebook_folder(notebook: str) -> Path:
     """Move into ``notebooks/`` when the kernel was started at the folder above it (the repository root, or a
     copy's root), so relative paths mean what they mean from the notebook; returns the working folder."""
-    name = notebook if notebook.endswith(".ipynb") else f"{notebook}.ipynb"
+    name = _file_name(notebook)
     here = Path.cwd()
     if not (here / name).is_file() and (here / "notebooks" / name).is_file():
         os.chdir(here / "notebooks")
@@ -198,11 +202,11 @@ def check_inputs(namespace: Mapping[str, Any], needs: Sequence[Needs], notebook:
     """Raise :class:`MissingInputError` for the first input of ``needs`` that is not there, naming the notebook
     that writes it (and where relative paths were read from, if this is not a notebooks folder)."""
     __tracebackhide__ = True
-    name = notebook if notebook.endswith(".ipynb") else f"{notebook}.ipynb"
+    name = _file_name(notebook)
+    values = {k: v for k, v in namespace.items() if isinstance(v, (str, int, float, bool))}
     for need in needs:
         if need.unless and namespace.get(need.unless):
             continue
-        values = {k: v for k, v in namespace.items() if isinstance(v, (str, int, float, bool))}
         dirs = [m.replace("+", "_plus") for m in methods] if "{method_dir}" in need.path else [None]
         for method_dir in dirs:
             path = Path(need.path.format(**values, method_dir=method_dir))

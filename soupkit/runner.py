@@ -23,9 +23,9 @@ each executed notebook over ``notebooks/``.
 The console shows one line per notebook started / done and, prefixed with the notebook's name, what its kernel
 writes to stderr: soupkit's one line per finished soup (``soupkit.progress``) and any warning; its stdout
 (tables, prints) stays in the executed notebook. By hand, ``papermill --stderr-file /dev/stderr`` shows the same
-lines (``--log-output`` shows every output). Kernels get CurveZMQ transport encryption where their kernelspec
-declares it (``KernelManager.transport_encryption = "auto"``; ipykernel's does), which also ends ipykernel's
-"Kernel is running over TCP without encryption" warning; papermill by hand has no switch for it.
+lines (``--log-output`` shows every output). ipykernel's "Kernel is running over TCP without encryption" warning is
+dropped by the venv's kernel config (``jupyter/ipython_kernel_config.py``, installed by ``make setup``), for the
+runner's kernels and papermill's by hand alike.
 
 Committed notebooks (``--update-committed``) hold no injected-parameters cell and no path of this machine: the
 preset and the parameters it gave are in ``metadata.soupkit``, and the kernelspec is pinned to what JupyterLab 4
@@ -46,9 +46,11 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import yaml
+
+from .errors import OneLineArgumentParser
 
 __all__ = ["NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
            "notebook_parameters", "pin_metadata", "run_notebooks", "main"]
@@ -181,14 +183,6 @@ class _Prefixed:
             self.write("\n")
 
 
-def _kernel_config() -> Any:
-    """nbclient's config for the kernels: CurveZMQ encryption where the kernelspec supports it (ipykernel's does),
-    which also ends ipykernel's warning about TCP without encryption."""
-    from traitlets.config import Config  # noqa: PLC0415
-
-    return Config({"KernelManager": {"transport_encryption": "auto"}})
-
-
 def _select(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
     """The notebooks to run; ValueError naming an unknown one (before anything is created)."""
     names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
@@ -251,8 +245,7 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         stderr = _Prefixed(name, lock)
         try:
             papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
-                                       kernel_name=kernel, progress_bar=False, stderr_file=stderr,
-                                       config=_kernel_config())
+                                       kernel_name=kernel, progress_bar=False, stderr_file=stderr)
         finally:
             stderr.close()
         seconds = time.perf_counter() - start
@@ -302,13 +295,6 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     return timings
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _jobs(text: str) -> int:
     try:
         value = int(text)
@@ -322,7 +308,7 @@ def _jobs(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     """The command line; argument errors (unknown preset or notebook, bad --jobs) exit with one line, status 2,
     before anything is created; failed notebooks exit with their list, status 1."""
-    parser = _Parser(prog="python -m soupkit.runner", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m soupkit.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="embedded", help="preset name (presets/<name>.yaml) or path")
     parser.add_argument("--out", default="outputs", help="output folder")
     parser.add_argument("--only", nargs="*", help="notebook names to run (default: the preset's `only`, else all "

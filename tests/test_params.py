@@ -114,7 +114,7 @@ def test_papermill_run_with_a_misspelt_parameter_fails_with_the_sentence(tmp_pat
     path = _toy(tmp_path / "toy.ipynb")
     with pytest.raises(papermill.PapermillExecutionError) as failed:
         papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters={"nea_zero": 0.1},
-                                   cwd=str(tmp_path), progress_bar=False, config=runner._kernel_config())
+                                   cwd=str(tmp_path), progress_bar=False)
     assert failed.value.ename == "ParameterError"
     assert failed.value.evalue.startswith("unknown parameter 'nea_zero' (did you mean 'near_zero'?); this notebook's "
                                           "parameters are near_zero, methods, steps, run_missing, out_dir")

@@ -41,32 +41,32 @@ lab: setup
 	$(BIN)/jupyter lab --notebook-dir=.
 
 # nbval re-executes every notebook on a copy in a temporary folder (the committed notebooks, figures/ and
-# outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.drift compares
+# outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.experiments.drift compares
 # the rerun's tables with the committed figures/*.csv within the measured tolerances of data/tolerances.csv.
-# Groups of notebooks (soupkit.runner --stages) run one after another, JOBS notebooks at once.
+# Groups of notebooks (soupkit.experiments.runner --stages) run one after another, JOBS notebooks at once.
 test: setup
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m soupkit.runner --stages > $(VENV)/nbval-stages
+	$(BIN)/python -m soupkit.experiments.runner --stages > $(VENV)/nbval-stages
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; mkdir -p "$$tmp/notebooks"; \
 	cp notebooks/*.ipynb "$$tmp/notebooks/"; root=$$(pwd); \
 	while read -r group; do \
 	  ( cd "$$tmp" && OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
 	    "$$root/$(BIN)/python" -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval $$group < /dev/null ) || exit 1; \
 	done < $(VENV)/nbval-stages; \
-	$(BIN)/python -m soupkit.drift check figures "$$tmp/figures" --exclude "seeds_*" --exclude "claims.csv"
+	$(BIN)/python -m soupkit.experiments.drift check figures "$$tmp/figures" --exclude "seeds_*" --exclude "claims.csv"
 
 # records and figures go to $(OUT) (never a tracked file); for the embedded default the run's tables are then
 # compared with the committed figures/ within the measured tolerances (a report: it does not fail the run)
 reproduce: setup
-	$(BIN)/python -m soupkit.runner --preset $(PRESET) --out $(OUT) --jobs $(JOBS)
+	$(BIN)/python -m soupkit.experiments.runner --preset $(PRESET) --out $(OUT) --jobs $(JOBS)
 	if [ "$(PRESET)" = embedded ]; then \
-	  $(BIN)/python -m soupkit.drift check figures $(OUT)/figures --exclude "seeds_*" --exclude "claims.csv" \
+	  $(BIN)/python -m soupkit.experiments.drift check figures $(OUT)/figures --exclude "seeds_*" --exclude "claims.csv" \
 	    || echo "some numbers of this run differ from the committed figures/ by more than the tolerances above"; \
 	fi
 
 # maintainers: refresh the committed figures/ and notebooks' outputs from a run of the embedded default
 update-committed: setup
-	$(BIN)/python -m soupkit.runner --preset embedded --out $(OUT) --jobs $(JOBS) --update-committed
+	$(BIN)/python -m soupkit.experiments.runner --preset embedded --out $(OUT) --jobs $(JOBS) --update-committed
 
 clean:
 	rm -rf $(VENV) $(OUT)

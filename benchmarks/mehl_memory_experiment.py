@@ -40,7 +40,7 @@ VARIANTS = {"core": None, "core_clip": 1.0, "scaled_clip": 1.0, "streamed": None
 
 def _scaled_clip_loss(self, w, x, y):
     """HyperplaneSpace.loss with the clip applied to the [b, L] result instead of a copy of every gradient."""
-    from soupkit.learn import _cross_entropy  # noqa: PLC0415
+    from soupkit.engine.loop import _cross_entropy  # noqa: PLC0415
 
     self.move_to(w)
     leaves = {k: self.theta[k].detach().requires_grad_(True) for k in self.layers.trainable}
@@ -58,7 +58,7 @@ def _scaled_clip_loss(self, w, x, y):
 
 def _streamed_loss(self, w, x, y):
     """HyperplaneSpace.loss with <g_k, D_k> taken as each g_k is accumulated, and g_k freed right away."""
-    from soupkit.learn import _cross_entropy  # noqa: PLC0415
+    from soupkit.engine.loop import _cross_entropy  # noqa: PLC0415
 
     self.move_to(w)
     gw = torch.zeros_like(w)
@@ -89,7 +89,7 @@ def _streamed_load_stack(self, indices, device="cpu", dtype=None, subtract=None,
     """CheckpointPool.load_stack reading one tensor at a time from safetensors (no whole model next to the stack)."""
     from safetensors import safe_open  # noqa: PLC0415
 
-    from soupkit.checkpoint_files import _Loaded  # noqa: PLC0415
+    from soupkit.pool.formats import _Loaded  # noqa: PLC0415
 
     keys = list(self.spec if keys is None else keys)
     stack = _Loaded()
@@ -109,7 +109,7 @@ def _streamed_load_stack(self, indices, device="cpu", dtype=None, subtract=None,
 
 
 def run_variant(variant: str, k: int, b: int, paths: list[str], threads: int) -> dict:
-    import soupkit.learn as learn  # noqa: PLC0415
+    import soupkit.engine.loop as learn  # noqa: PLC0415
     import soupkit.pool as pool  # noqa: PLC0415
 
     torch.set_num_threads(threads)

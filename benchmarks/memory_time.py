@@ -8,7 +8,7 @@ What is measured, all in one run:
     above its level at the start of ``make_soup``). EVERY (method, K) runs in a FRESH subprocess, so the RSS
     high-water mark and allocator caches of an earlier run cannot leak into the next number. K stops growing
     for a method once its projected memory (a line through its last two points) would pass ``--mem-cap-gib``.
-(b) time of one MEHL-Soup+ inner step (``soupkit.learn.optimise`` for one step over the ``HyperplaneSpace`` of b
+(b) time of one MEHL-Soup+ inner step (``soupkit.engine.loop.optimise`` for one step over the ``HyperplaneSpace`` of b
     models that ``make_soup("mehl+")`` builds) / time of one plain training step of the same model on the same
     batch (forward + backward + AdamW on the model's parameters): one fresh process, the two kinds of step
     alternating (M P, P M, ...) so both see the same machine load; the median over pairs of the ratio.
@@ -80,8 +80,8 @@ except ImportError:  # run from a checkout without an editable install
 from safetensors.torch import save_file
 
 from soupkit import CheckpointPool, make_soup
-from soupkit._compat import import_open_clip
-from soupkit.memory import current_rss_bytes
+from soupkit.runtime._compat import import_open_clip
+from soupkit.runtime.memory import current_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("learned+", "hl+", "mehl+")
@@ -279,8 +279,8 @@ def run_soup(method: str, k: int, paths: Sequence[str | Path], *, arch: str, num
 def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: str, cfg: Any):
     """The HyperplaneSpace that ``make_soup("mehl+")`` builds for its first block (no recentring; ``cfg``'s
     clip, direction dtype and autocast)."""
-    from soupkit.layers import layer_map  # noqa: PLC0415
-    from soupkit.learn import HyperplaneSpace  # noqa: PLC0415
+    from soupkit.engine.layers import layer_map  # noqa: PLC0415
+    from soupkit.engine.loop import HyperplaneSpace  # noqa: PLC0415
 
     pool = CheckpointPool([str(p) for p in paths[:b]])
     layers = layer_map(model, True)
@@ -299,7 +299,7 @@ def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, devi
                soup_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seconds of one MEHL-Soup+ inner step and of one plain training step, paired and alternating.
 
-    MEHL step: ``soupkit.learn.optimise`` for one step over the b-model HyperplaneSpace that make_soup builds
+    MEHL step: ``soupkit.engine.loop.optimise`` for one step over the b-model HyperplaneSpace that make_soup builds
     (move the soup, forward, gradient w.r.t. the soup, b inner products per tensor, AdamW on the [b, L]
     coefficients; the optimiser set-up of each call is included). Plain step: forward + backward + AdamW on the
     model's own parameters (one optimiser kept across steps). Same model, same batch, same process. The two
@@ -307,7 +307,8 @@ def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, devi
     dropped. ``step_ratio`` is the median over pairs of mehl/plain.
     """
     from soupkit.config import config_for  # noqa: PLC0415
-    from soupkit.learn import BatchStream, optimise  # noqa: PLC0415
+    from soupkit.engine.batches import BatchStream
+    from soupkit.engine.loop import optimise  # noqa: PLC0415
 
     model = build_model(arch, num_classes, seed).to(device)
     x, y = heldout(batch_size, batch_size, image_size(model), num_classes, seed)[0]
@@ -465,7 +466,7 @@ class Launcher:
 def _template() -> None:
     """Import everything a worker needs, then fork one child per task read from stdin (see ``Launcher``)."""
     import_open_clip()
-    import soupkit.config, soupkit.layers, soupkit.learn  # noqa: E401, F401, PLC0415
+    import soupkit.config, soupkit.engine.layers, soupkit.engine.loop  # noqa: E401, F401, PLC0415
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a child prints goes to stderr, not into the protocol
     for line in sys.stdin:
@@ -674,7 +675,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: Sequence[str] = C
 def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title: str) -> Path:
     """Left: peak memory vs K (log-log) with the linear fits extended to K = 72; right: seconds per epoch.
 
-    Colours from soupkit's one palette (:func:`soupkit.plots.method_colour`, as every other figure); one legend
+    Colours from soupkit's one palette (:func:`soupkit.experiments.plots.method_colour`, as every other figure); one legend
     under both panels (it hides no point) and the notes wrapped inside their frames."""
     import textwrap  # noqa: PLC0415
 
@@ -684,7 +685,7 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title:
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.lines import Line2D  # noqa: PLC0415
 
-    from soupkit.plots import device_title, legend_below, method_style  # noqa: PLC0415
+    from soupkit.experiments.plots import device_title, legend_below, method_style  # noqa: PLC0415
 
     ok = [r for r in rows if r.get("status") == "ok"]
     labels = {"learned+": "Learned-Soup+", "hl+": "HL-Soup+", "mehl+": "MEHL-Soup+"}

@@ -43,8 +43,8 @@ def probe(steps: int = 20) -> dict:
     import soupkit  # noqa: F401  (first: pins unless SOUPKIT_NUMERICS=native)
     import torch
 
-    from soupkit.models import ResNetConfig, ViTConfig, build_classifier
-    from soupkit.numerics import numerics_info
+    from soupkit.zoo.embedded_models import ResNetConfig, ViTConfig, build_classifier
+    from soupkit.runtime.numerics import numerics_info
 
     torch.set_num_threads(1)
     digest = hashlib.sha256()

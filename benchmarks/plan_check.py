@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Predicted (``soupkit.plan``) against measured peak memory of every soup method, on the embedded zoo, on CPU.
+"""Predicted (``soupkit.experiments.plan``) against measured peak memory of every soup method, on the embedded zoo, on CPU.
 
 Every (method, K) runs ``make_soup`` in a FRESH interpreter, with the glibc setting of
 ``benchmarks/memory_time.py`` (``MALLOC_ENV["live"]``: a fixed mmap threshold, so that the RSS follows the live
 tensors) and its thread count (1); the measured number is the core's own ``stats["peak_memory_bytes"]``
-(``soupkit.memory.PeakMemory``: peak RSS above the level at the start of ``make_soup``). ``ensemble`` builds
+(``soupkit.runtime.memory.PeakMemory``: peak RSS above the level at the start of ``make_soup``). ``ensemble`` builds
 nothing: its number is the peak of computing its held-out logits (``soup_logits``, also in a ``PeakMemory``).
 Learned soups make ``--inner-iterations`` steps and MEHL stops after 2 blocks (every block holds the same
 tensors, as memory_time.py does); the held-out data are random images of the zoo's shape with random labels.
@@ -36,7 +36,7 @@ import soupkit  # noqa: E402,F401  (first: pins the CPU numerics before torch lo
 import torch  # noqa: E402
 
 from memory_time import MALLOC_ENV  # noqa: E402  (the measuring setting of the memory benchmark)
-from soupkit import plan  # noqa: E402
+from soupkit.experiments import plan  # noqa: E402
 from soupkit.io import atomic_write_text  # noqa: E402
 
 METHODS = plan.FORMULAS.keys()
@@ -47,7 +47,7 @@ COLUMNS = ["method", "K", "b", "batch", "predicted_mb", "measured_mb", "ratio", 
 # ---- one measurement (in a fresh process) ------------------------------------------------------------------------
 def _inputs(zoo_dir: str, k: int, n: int, batch: int, seed: int = 0):
     from soupkit import CheckpointPool  # noqa: PLC0415
-    from soupkit.sources import open_zoo  # noqa: PLC0415
+    from soupkit.zoo.sources import open_zoo  # noqa: PLC0415
 
     zoo = open_zoo(zoo_dir)
     model = zoo.make_model()
@@ -62,8 +62,9 @@ def _inputs(zoo_dir: str, k: int, n: int, batch: int, seed: int = 0):
 def measure(method: str, zoo: str, k: int, b: int, batch: int, heldout: int, inner: int) -> dict[str, Any]:
     """``make_soup(method)`` on the zoo's first ``k`` models; its peak memory (call it in a fresh process)."""
     from soupkit import make_soup  # noqa: PLC0415
-    from soupkit.evaluation import predict, soup_logits  # noqa: PLC0415
-    from soupkit.memory import PeakMemory, current_rss_bytes  # noqa: PLC0415
+    from soupkit.engine.evaluation import predict
+    from soupkit.methods.result import soup_logits  # noqa: PLC0415
+    from soupkit.runtime.memory import PeakMemory, current_rss_bytes  # noqa: PLC0415
 
     torch.set_num_threads(1)
     model, pool, loader = _inputs(zoo, k, heldout, batch)
@@ -105,8 +106,8 @@ def run_fresh(task: dict[str, Any], timeout: float) -> dict[str, Any]:
 # ---- the check ---------------------------------------------------------------------------------------------------
 def predictions(zoo: str, methods: Sequence[str], ks: Sequence[int], b: int, batch: int,
                 heldout: int) -> dict[tuple[str, int], plan.Plan]:
-    """``soupkit.plan`` for every (method, K); the activations measured once."""
-    from soupkit.sources import open_zoo  # noqa: PLC0415
+    """``soupkit.experiments.plan`` for every (method, K); the activations measured once."""
+    from soupkit.zoo.sources import open_zoo  # noqa: PLC0415
 
     z = open_zoo(zoo)
     model, cfg = z.make_model(), z.config.model

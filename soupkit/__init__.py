@@ -4,17 +4,21 @@
 >>> sorted(soupkit.METHODS)[:3]
 ['best', 'ensemble', 'greedy']
 """
-from .numerics import pin_cpu_numerics
+from soupkit.runtime.numerics import pin_cpu_numerics
 
-pin_cpu_numerics()  # before anything below imports torch (see soupkit/numerics.py)
+pin_cpu_numerics()  # before anything below imports torch (see soupkit/runtime/numerics.py)
 
-from .config import DEFAULTS, SoupConfig
-from .evaluation import evaluate, predict
-from .layers import LayerMap, layer_map
-from .errors import CheckpointError, DataError, DivergenceError, ResumeError, SharedBasinWarning, SoupkitError
-from .memory import PeakMemory
-from .methods import METHODS, SoupResult, make_soup
-from .pool import CheckpointPool, check_shared_basin, load_state_dict, save_state_dict
+from soupkit.config import DEFAULTS, SoupConfig
+from soupkit.methods.result import evaluate
+from soupkit.engine.evaluation import predict
+from soupkit.engine.layers import LayerMap, layer_map
+from soupkit.errors import CheckpointError, DataError, DivergenceError, ResumeError, SharedBasinWarning, SoupkitError
+from soupkit.runtime.memory import PeakMemory
+from soupkit.methods.registry import METHODS, make_soup
+from soupkit.methods.result import SoupResult
+from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.pool.basin import check_shared_basin
+from soupkit.pool.formats import load_state_dict, save_state_dict
 
 __version__ = "0.1.0"
 

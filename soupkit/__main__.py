@@ -1,7 +1,7 @@
 """``python -m soupkit ...``: see :mod:`soupkit.cli`."""
 import sys
 
-from .cli import entry
+from soupkit.cli import entry
 
 if __name__ == "__main__":
     sys.exit(entry())

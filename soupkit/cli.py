@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .config import MAIN_TABLE_SETTINGS, SoupConfig, config_for
-from .errors import OneLineArgumentParser, SoupkitError
-from .methods import METHODS, make_soup
-from .pool import CheckpointPool
+from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig, config_for
+from soupkit.errors import OneLineArgumentParser, SoupkitError
+from soupkit.methods.registry import METHODS, make_soup
+from soupkit.pool.checkpoint_pool import CheckpointPool
 
 __all__ = ["main", "entry", "parse_option", "expand_pool"]
 
@@ -176,8 +176,8 @@ def _init_distributed(args: argparse.Namespace) -> tuple[str, int, int]:
 
 
 def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
-    from .experiment import zoo_loaders  # noqa: PLC0415  (pandas, data files: only for zoo runs)
-    from .sources import open_zoo  # noqa: PLC0415
+    from soupkit.experiments.run import zoo_loaders  # noqa: PLC0415  (pandas, data files: only for zoo runs)
+    from soupkit.zoo.sources import open_zoo  # noqa: PLC0415
 
     zoo = open_zoo(args.zoo)
     heldout = MAIN_TABLE_SETTINGS["heldout_size"] if args.heldout_size is None else (args.heldout_size or None)
@@ -188,8 +188,8 @@ def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
 
 
 def _arch_inputs(args: argparse.Namespace, pool_paths: list[Path], rank: int, world: int) -> tuple:
-    from . import realdata  # noqa: PLC0415  (torchvision, open_clip: only for --arch runs)
-    from .clip_models import TEXT_LEFTOVER_KEYS, build_model_soups_model, preprocess_config  # noqa: PLC0415
+    from soupkit.zoo import realdata  # noqa: PLC0415  (torchvision, open_clip: only for --arch runs)
+    from soupkit.zoo.clip import TEXT_LEFTOVER_KEYS, build_model_soups_model, preprocess_config  # noqa: PLC0415
 
     pool = CheckpointPool(pool_paths)
     keep = any(k in pool.spec for k in TEXT_LEFTOVER_KEYS)  # unconverted model-soups files hold them
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, options: dict[str, Any], device: str, rank: in
     pool_paths = expand_pool(args.pool, args.pool_list)
     if args.zoo:
         model, pool, learn, select, test = _zoo_inputs(args, pool_paths)
-        from .experiment import main_table_options  # noqa: PLC0415
+        from soupkit.experiments.run import main_table_options  # noqa: PLC0415
 
         # notebook 02's options for this method (one function for both), then the user's --option values
         options = {**main_table_options(args.method, len(pool)), **options}
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, options: dict[str, Any], device: str, rank: in
     if rank != 0:
         return None
     if not args.no_eval and test is not None:
-        from .evaluation import evaluate  # noqa: PLC0415
+        from soupkit.methods.result import evaluate  # noqa: PLC0415
 
         result.stats["test_accuracy"] = evaluate(model, result, test, device)
     result.stats["command"] = list(command)
@@ -248,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a caller's own) it runs on that group and leaves it open.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["plan"]:  # python -m soupkit plan --zoo outputs/zoo --k 32 --b 8 ... (soupkit.plan)
-        from .plan import main as plan_main  # noqa: PLC0415
+    if argv[:1] == ["plan"]:  # python -m soupkit plan --zoo outputs/zoo --k 32 --b 8 ... (soupkit.experiments.plan)
+        from soupkit.experiments.plan import main as plan_main  # noqa: PLC0415
 
         return plan_main(argv[1:])
     p = _parser()

@@ -55,13 +55,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from .layers import Grouping
+__all__ = ["SoupConfig", "DEFAULTS", "MAIN_TABLE_SETTINGS", "config_for", "Grouping"]
 
-__all__ = ["SoupConfig", "DEFAULTS", "MAIN_TABLE_SETTINGS", "config_for"]
+# which tensors share a coefficient in the "+" methods (soupkit.engine.layers.layer_map): None = each parameter
+# tensor, "module" = the parameters of one module, or a callable name -> group label
+Grouping = Union[None, str, Callable[[str], str]]
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class SoupConfig:
         parallel: spread a learned soup over the ranks of the initialised ``torch.distributed`` process group
             (every rank calls ``make_soup`` with the same arguments): ``"data"`` (each rank a part of every
             batch; all learned soups) or ``"model"`` (each rank a part of each block's models; HL/MEHL).
-            None: this process alone. See ``soupkit/distributed.py``; other methods run whole on every rank.
+            None: this process alone. See ``soupkit/runtime/distributed.py``; other methods run whole on every rank.
         memory_cap_mb: stop the method (``memory.MemoryCapExceeded``) once it uses more than this many MB above
             the level at its start -- the quantity ``peak_memory_bytes`` reports; stands for a smaller machine
             (the paper's ">256GB"). On CPU the run must be on the main thread. None: no cap.

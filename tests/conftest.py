@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-import soupkit  # noqa: F401  (first: it pins the CPU numerics before torch loads, soupkit/numerics.py)
+import soupkit  # noqa: F401  (first: it pins the CPU numerics before torch loads, soupkit/runtime/numerics.py)
 import torch
 from torch import nn
 

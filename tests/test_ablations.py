@@ -12,15 +12,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from soupkit import CheckpointPool  # noqa: E402
-from soupkit import ablations  # noqa: E402
-from soupkit.ablations import (  # noqa: E402
-    Setting, ablation_grid, centred_gram, cosine_diagnostic, gram_matrices, parse_values, plot_ablations,
-    run_ablations,
-)
-from soupkit.experiment import read_correct  # noqa: E402
-from soupkit.models import ViTConfig  # noqa: E402
-from soupkit.stats import bootstrap_accuracy  # noqa: E402
-from soupkit.zoo import ZooConfig, build_zoo  # noqa: E402
+from soupkit.experiments import ablations  # noqa: E402
+from soupkit.experiments.ablations import (Setting, ablation_grid, centred_gram, cosine_diagnostic, gram_matrices,
+                                           parse_values, plot_ablations, run_ablations)
+from soupkit.experiments.run import read_correct  # noqa: E402
+from soupkit.zoo.embedded_models import ViTConfig  # noqa: E402
+from soupkit.experiments.stats import bootstrap_accuracy  # noqa: E402
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.build import build_zoo  # noqa: E402
 
 SWEEPS = {"model_batch_size": [2, 4], "outer_passes": [1, 2], "epochs": [1, 3], "decentralize": [True, False]}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from soupkit.claims import EQUIVALENCE_MARGIN, claims_markdown, claims_table, equivalence_verdict
-from soupkit.stats import Interval
+from soupkit.experiments.claims import EQUIVALENCE_MARGIN, claims_markdown, claims_table, equivalence_verdict
+from soupkit.experiments.stats import Interval
 
 
 def test_equivalence_verdict_hand_cases() -> None:
@@ -54,7 +54,7 @@ def test_table1_rows_from_predictions_and_seeds(tmp_path: Path) -> None:
 
 
 def test_power_line_hand_case() -> None:
-    from soupkit.claims import power_line
+    from soupkit.experiments.claims import power_line
 
     comparisons = pd.DataFrame([{"a": "mehl+", "b": "greedy", "seeds": 3, "mean difference (points)": 2.0,
                                  "t half-width (points)": 2.484, "image half-width (points)": 0.6,

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import soupkit
-from soupkit import clip_models, realdata
+from soupkit.zoo import clip as clip_models, realdata
 from soupkit.cli import expand_pool, main, parse_option
 from conftest import BNNet, finetunes, make_data
 
@@ -138,9 +138,9 @@ def test_the_command_line_runs_notebook_02s_options():
 
     import nbformat
 
-    from soupkit import runner
+    from soupkit.experiments import runner
     from soupkit.config import MAIN_TABLE_SETTINGS
-    from soupkit.experiment import RunSpec, main_table_options, soup_options
+    from soupkit.experiments.run import RunSpec, main_table_options, soup_options
 
     nb = nbformat.read(runner.NOTEBOOK_DIR / "02_main_table.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))

@@ -1,4 +1,4 @@
-"""soupkit.clip_models: model-soups checkpoint layout, strict loading, and logits equal to ModelWrapper's."""
+"""soupkit.zoo.clip: model-soups checkpoint layout, strict loading, and logits equal to ModelWrapper's."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from soupkit.errors import CheckpointLayoutError
-from soupkit.clip_models import (MODEL_SOUPS_ARCH, TEXT_LEFTOVER_KEYS, SoupClassifier,
-                                 build_model_soups_model, convert_checkpoint, create_clip,
-                                 load_model_soups_checkpoint, load_weights, preprocess_config,
-                                 register_model_config, to_model_soups_layout)
+from soupkit.zoo.clip import (MODEL_SOUPS_ARCH, TEXT_LEFTOVER_KEYS, SoupClassifier, build_model_soups_model,
+                              convert_checkpoint, create_clip, load_model_soups_checkpoint, load_weights,
+                              preprocess_config, register_model_config, to_model_soups_layout)
 
 TINY = "soupkit-test-tiny-vit-quickgelu"
 TINY_CFG = {  # same structure as ViT-B-32-quickgelu, ~30 K parameters

@@ -11,10 +11,9 @@ import torch  # noqa: E402
 
 import soupkit  # noqa: E402
 from soupkit import CheckpointPool, make_soup  # noqa: E402
-from soupkit.coefficients import (  # noqa: E402
-    coefficient_explorer, coefficient_summary, coefficient_table, coefficients_from_params, combine, load_results,
-    plot_coefficient_histograms, plot_layer_coefficients,
-)
+from soupkit.experiments.coefficients import (coefficient_explorer, coefficient_summary, coefficient_table,
+                                              coefficients_from_params, combine, load_results,
+                                              plot_coefficient_histograms, plot_layer_coefficients)
 
 FAST = dict(progress=False, inner_iterations=15, lr=0.05)
 

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from soupkit import data
-from soupkit.data import (
-    SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, load_splits, make_loader,
-    regenerate_splits, split_path, to_tensor,
-)
+from soupkit.zoo import embedded_data as data
+from soupkit.zoo.embedded_data import (SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, load_splits,
+                                       make_loader, regenerate_splits, split_path, to_tensor)
 
 
 def test_animal_mnist_shapes() -> None:

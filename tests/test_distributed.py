@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import soupkit
 from soupkit import make_soup
-from soupkit.checkpointing import RunDir
+from soupkit.methods.run_dir import RunDir
 from soupkit.cli import main as cli_main
-from soupkit import distributed
-from soupkit.distributed import Communicator, communicator, on_main, shard_bounds, shard_loader
+from soupkit.runtime import distributed
+from soupkit.runtime.distributed import Communicator, communicator, on_main, shard_bounds, shard_loader
 from soupkit.errors import DataError, ResumeError
-from soupkit.learn import BatchStream
+from soupkit.engine.batches import BatchStream
 from conftest import BNNet, batches, finetunes, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,9 @@ class Killed(Exception):
 
 def _write_inputs(directory: Path, zoo: bool = False) -> None:
     if zoo:
-        from soupkit.models import ViTConfig  # noqa: PLC0415
-        from soupkit.zoo import ZooConfig, build_zoo  # noqa: PLC0415
+        from soupkit.zoo.embedded_models import ViTConfig  # noqa: PLC0415
+        from soupkit.zoo.config import ZooConfig
+        from soupkit.zoo.build import build_zoo  # noqa: PLC0415
 
         build_zoo(directory / "zoo", ZooConfig(k=3, model=ViTConfig(width=16, layers=1, heads=2, output_dim=8),
                                                batch_size=64, pretrain_epochs=1, lp_steps=5, epoch_choices=(1,),

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from soupkit.drift import column_kind, compare_dirs, compare_tables, derive_tolerances, main
+from soupkit.experiments.drift import column_kind, compare_dirs, compare_tables, derive_tolerances, main
 
 TOL = {"accuracy": 1.0, "difference": 2.0}
 

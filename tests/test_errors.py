@@ -11,7 +11,7 @@ from torch import nn
 
 import soupkit
 from soupkit import CheckpointPool, make_soup
-from soupkit.checks import basin_report, check_shared_basin
+from soupkit.pool.basin import basin_report, check_shared_basin
 from soupkit.errors import CheckpointError, DataError, DivergenceError, SharedBasinWarning, SoupkitError
 from conftest import BNNet, finetunes, make_data, save_files
 
@@ -256,7 +256,7 @@ def test_an_interrupted_save_is_detected_not_mixed(bn_setup, tmp_path, monkeypat
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(soupkit.soup_result, "atomic_write_json", killed)  # dies before result.json is replaced
+    monkeypatch.setattr(soupkit.methods.result, "atomic_write_json", killed)  # dies before result.json is replaced
     with pytest.raises(KeyboardInterrupt):
         newer.save(tmp_path / "out")
     with pytest.raises(CheckpointError, match="another save than result.json"):
@@ -267,7 +267,7 @@ def test_an_interrupted_save_is_detected_not_mixed(bn_setup, tmp_path, monkeypat
 def test_soupkit_errors_are_also_builtin_errors():
     assert issubclass(CheckpointError, ValueError) and issubclass(DataError, ValueError)
     assert issubclass(DivergenceError, RuntimeError) and soupkit.DivergenceError is DivergenceError
-    assert soupkit.CheckpointError is CheckpointError and soupkit.pool.check_shared_basin is check_shared_basin
+    assert soupkit.CheckpointError is CheckpointError and soupkit.check_shared_basin is check_shared_basin
     with pytest.raises(SoupkitError):
         make_soup("hl", nn.Linear(2, 2), [{"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}], [], **FAST)
 
@@ -282,10 +282,10 @@ def test_every_exception_soupkit_defines_is_a_soupkit_error_defined_in_errors() 
     import soupkit.errors
 
     homes = {}
-    for info in pkgutil.iter_modules(soupkit.__path__):
-        if info.name in ("__main__",):
+    for info in pkgutil.walk_packages(soupkit.__path__, "soupkit."):
+        if info.name == "soupkit.__main__":
             continue
-        module = importlib.import_module(f"soupkit.{info.name}")
+        module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__.startswith("soupkit"):
                 homes.setdefault(obj, set()).add(obj.__module__)

@@ -7,9 +7,9 @@ import torch
 
 import soupkit
 from soupkit import CheckpointPool, make_soup
-from soupkit import directions
+from soupkit.engine import directions
 from soupkit.errors import DivergenceError
-from soupkit.learn import HyperplaneSpace
+from soupkit.engine.loop import HyperplaneSpace
 
 from conftest import save_files
 

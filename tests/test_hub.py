@@ -1,4 +1,4 @@
-"""soupkit.hub against a real http.server on 127.0.0.1 (ephemeral port) that supports Range requests."""
+"""soupkit.zoo.hub against a real http.server on 127.0.0.1 (ephemeral port) that supports Range requests."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from soupkit.errors import DownloadError, IntegrityError
-from soupkit.hub import (MANIFEST_NAME, DownloadConfig, checkpoint_filename,
-                         download_file, download_model_soups, read_manifest)
+from soupkit.zoo.hub import (MANIFEST_NAME, DownloadConfig, checkpoint_filename, download_file, download_model_soups,
+                             read_manifest)
 
 FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, chunk_bytes=7, progress=False)
 
@@ -188,7 +188,7 @@ def test_checkpoint_filename_rejects_negative():
 
 
 def test_cli_downloads_and_checks_against_another_manifest(server, tmp_path):
-    from soupkit.hub import main
+    from soupkit.zoo.hub import main
     files, url = server
     for i in range(2):
         files.content[f"/files/model_{i}.pt"] = _payload(i)

@@ -9,7 +9,7 @@ import torch
 
 import soupkit
 from soupkit.io import apply_umask, atomic_write_text, default_file_mode
-from soupkit.zoo_files import atomic_save
+from soupkit.zoo.files import atomic_save
 
 
 def _mode(path) -> int:

@@ -9,7 +9,8 @@ from torch.func import functional_call
 
 import soupkit
 from soupkit import CheckpointPool
-from soupkit.learn import BatchStream, HyperplaneSpace, SimplexSpace, lr_lambda
+from soupkit.engine.batches import BatchStream
+from soupkit.engine.loop import HyperplaneSpace, SimplexSpace, lr_lambda
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
@@ -107,7 +108,7 @@ def test_batch_stream_counts_epochs_and_rebatches():
 
 def test_learned_soup_runs_at_a_constant_lr_by_default(bn_setup, monkeypatch):
     # model-soups' learned soup keeps lr 0.05 for every step (its cosine_lr is never called)
-    import soupkit.learn as learn  # noqa: PLC0415
+    import soupkit.engine.loop as learn  # noqa: PLC0415
 
     seen: list[tuple[int, float, str]] = []
     factors: list[float] = []

@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from soupkit.experiment import RunSpec, run_isolated, run_method
+from soupkit.experiments.run import RunSpec, run_isolated, run_method
 from soupkit.errors import MemoryCapExceeded
-from soupkit.memory import MemoryCap
-from soupkit.models import ViTConfig
-from soupkit.results import main_table, paper_table
-from soupkit.zoo import ZooConfig, build_zoo
+from soupkit.runtime.memory import MemoryCap
+from soupkit.zoo.embedded_models import ViTConfig
+from soupkit.experiments.results import main_table, paper_table
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.build import build_zoo
 
 
 def test_cap_stops_a_block_that_grows_past_it_and_spares_one_below():
@@ -63,7 +64,7 @@ def test_paper_table_filters_a_dataset():
 
 
 def test_out_of_memory_without_a_cap_is_also_did_not_fit(tiny_zoo, tmp_path, monkeypatch):
-    import soupkit.experiment as experiment
+    import soupkit.experiments.run as experiment
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -213,8 +213,8 @@ def test_options_that_change_the_geometry(bn_setup):
 
 def test_early_stopping_keeps_the_best_checked_coefficients(bn_setup, monkeypatch):
     """With a select loader the soup is the one of the checked step with the best select accuracy, not the last."""
-    import soupkit.learn as learn
-    from soupkit.evaluation import accuracy, predict
+    import soupkit.engine.loop as learn
+    from soupkit.engine.evaluation import accuracy, predict
 
     base, states, loader = bn_setup
     select = loader[:2]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from soupkit.numerics import PINS
+from soupkit.runtime.numerics import PINS
 
 ROOT = Path(__file__).resolve().parents[1]
-_PROBE = ("import json, os, soupkit, torch; from soupkit.numerics import numerics_info; "
+_PROBE = ("import json, os, soupkit, torch; from soupkit.runtime.numerics import numerics_info; "
           "print(json.dumps({**numerics_info(), **{k: os.environ.get(k) for k in %r}}))" % list(PINS))
 
 

@@ -9,12 +9,13 @@ import nbformat
 import pytest
 
 import soupkit
-from soupkit import params, progress, runner
+from soupkit.experiments import params, runner
+from soupkit.runtime import progress
 from soupkit.errors import MissingInputError, ParameterError, SoupkitError
-from soupkit.params import Needs, check_inputs, check_methods, check_notebook, check_types, check_unknown
+from soupkit.experiments.params import Needs, check_inputs, check_methods, check_notebook, check_types, check_unknown
 
 NOTEBOOKS = sorted(runner.NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
-# calls that run soups or build zoos (and so write soupkit.progress lines to stderr, which nbval compares)
+# calls that run soups or build zoos (and so write soupkit.runtime.progress lines to stderr, which nbval compares)
 RUNS = re.compile(r"\b(run_methods?|run_ablations|\w+_study|build_zoo|prepare_zoo|bn_comparison)\(")
 # cells that call them but only with a non-default parameter (nbval runs the defaults)
 GUARDED = {("05_coefficients", "b9933520")}  # run_missing = False by default
@@ -26,7 +27,7 @@ def _toy(path, check="check_notebook(globals(), 'toy', methods='methods')"):
     cell = nbformat.v4.new_code_cell("near_zero = 0.05\nmethods = 'mehl+'\nsteps = 3\nrun_missing = False\n"
                                      "out_dir = '.'")
     cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(f"import soupkit\nfrom soupkit.params import *\n{check}"),
+    nb.cells = [cell, nbformat.v4.new_code_cell(f"import soupkit\nfrom soupkit.experiments.params import *\n{check}"),
                 nbformat.v4.new_code_cell("print(f'{near_zero:g}')")]
     nbformat.write(nb, path)
     return path
@@ -158,7 +159,7 @@ def test_every_preset_value_has_its_parameters_type(preset):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_cells_that_print_progress_are_not_compared_by_nbval(path):
-    """soupkit.progress writes to stderr, and nbval compares stderr streams of every cell it checks: every cell
+    """soupkit.runtime.progress writes to stderr, and nbval compares stderr streams of every cell it checks: every cell
     that runs soups or builds zoos must be ``# NBVAL_IGNORE_OUTPUT`` (or run them only off the defaults)."""
     for cell in nbformat.read(path, as_version=4).cells:
         if cell.cell_type == "code" and RUNS.search(cell.source) and (path.stem, cell.get("id")) not in GUARDED:

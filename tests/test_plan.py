@@ -1,4 +1,4 @@
-"""soupkit.plan: the formulas' shape in K, a hand-computed case, the budget, the command line."""
+"""soupkit.experiments.plan: the formulas' shape in K, a hand-computed case, the budget, the command line."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import soupkit  # noqa: F401  (first: pins the CPU numerics)
 import torch
 from torch import nn
 
-from soupkit import plan
+from soupkit.experiments import plan
 from soupkit.errors import PlanError, SoupkitError
 
 ACTS = plan.ActivationModel(train_fixed=1000.0, train_per_sample=100.0, eval_fixed=10.0, eval_per_sample=5.0)
@@ -128,7 +128,7 @@ def test_main_prints_the_table(tmp_path, capsys, monkeypatch):
 def test_main_rejects_bad_arguments_with_one_sentence(tmp_path, capsys):
     assert plan.main(["--zoo", str(tmp_path), "--methods", "souper"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("soupkit.plan: unknown soup method 'souper'") and "\n" not in err
+    assert err.startswith("soupkit.experiments.plan: unknown soup method 'souper'") and "\n" not in err
     assert "Traceback" not in err
     assert plan.main(["--zoo", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -143,12 +143,12 @@ def test_main_rejects_bad_arguments_with_one_sentence(tmp_path, capsys):
 def test_main_argparse_errors_are_one_line(capsys):
     assert plan.main(["--k", "4"]) == 2  # neither --zoo nor --arch
     err = capsys.readouterr().err.strip()
-    assert err.startswith("soupkit.plan: ") and "\n" not in err
+    assert err.startswith("soupkit.experiments.plan: ") and "\n" not in err
 
 
 
 def test_the_soupkit_command_runs_the_planner(tmp_path, capsys) -> None:
-    """`python -m soupkit plan ...` is the planner: same exit status and sentence as `python -m soupkit.plan`."""
+    """`python -m soupkit plan ...` is the planner: same exit status and sentence as `python -m soupkit.experiments.plan`."""
     from soupkit.cli import main as cli_main
 
     assert cli_main(["plan", "--zoo", str(tmp_path / "missing")]) == 2

@@ -15,13 +15,13 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
-from soupkit.ablations import plot_ablations  # noqa: E402
-from soupkit.coefficients import plot_coefficient_histograms, plot_layer_coefficients  # noqa: E402
-from soupkit.plots import (BROKEN_AXIS_GID, DID_NOT_FIT, FAMILY_COLOURS, device_title, method_colour,  # noqa: E402
-                           method_family, plot_main_table, plot_zoo_accuracies)
-from soupkit.results import main_table, paper_table  # noqa: E402
-from soupkit.seeds import plot_seed_study, seed_summary  # noqa: E402
-from soupkit.studies import plot_finetuning_cost, plot_heldout_size, plot_top_models  # noqa: E402
+from soupkit.experiments.ablations import plot_ablations  # noqa: E402
+from soupkit.experiments.coefficients import plot_coefficient_histograms, plot_layer_coefficients  # noqa: E402
+from soupkit.experiments.plots import (BROKEN_AXIS_GID, DID_NOT_FIT, FAMILY_COLOURS, device_title, method_colour,
+                                       method_family, plot_main_table, plot_zoo_accuracies)
+from soupkit.experiments.results import main_table, paper_table  # noqa: E402
+from soupkit.experiments.seeds import plot_seed_study, seed_summary  # noqa: E402
+from soupkit.experiments.studies import plot_finetuning_cost, plot_heldout_size, plot_top_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""soupkit.realdata on tiny generated directories in the real on-disk layouts."""
+"""soupkit.zoo.realdata on tiny generated directories in the real on-disk layouts."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from soupkit._compat import import_torchvision
+from soupkit.runtime._compat import import_torchvision
 from soupkit.errors import DataError
-from soupkit.realdata import (clip_transform, cifar_splits, imagenet_splits, load_splits,
-                              make_loader, mask_heldout, per_class_heldout, random_heldout, read_cifar,
-                              write_cifar_dir)
+from soupkit.zoo.realdata import (clip_transform, cifar_splits, imagenet_splits, load_splits, make_loader,
+                                  mask_heldout, per_class_heldout, random_heldout, read_cifar, write_cifar_dir)
 
 CFG = {"size": (16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
        "resize_mode": "shortest", "fill_color": 0}

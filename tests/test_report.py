@@ -1,7 +1,7 @@
 """The result tables of README.md and docs/*.md are the ones the committed result files give."""
 from pathlib import Path
 
-from soupkit.report import BLOCKS, DOCUMENTS, update_documents, update_readme
+from soupkit.experiments.report import BLOCKS, DOCUMENTS, update_documents, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_the_readme_holds_the_claims_and_their_summary() -> None:
 
 def test_document_blocks_equal_the_rendered_files() -> None:
     assert update_documents(write=False) == {}, \
-        "generated tables differ from figures/ and data/: run `python -m soupkit.report --write`"
+        "generated tables differ from figures/ and data/: run `python -m soupkit.experiments.report --write`"
 
 
 def test_a_changed_block_is_detected(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import soupkit
 from soupkit import make_soup
-from soupkit.checkpointing import RunDir
+from soupkit.methods.run_dir import RunDir
 from soupkit.errors import ResumeError
 from conftest import BNNet, batches, finetunes, make_data
 
@@ -211,7 +211,7 @@ if __name__ == "__main__":
 def test_resume_with_a_private_generator_loader_made_anew(bn_setup, tmp_path, monkeypatch):
     # a restarted process builds its loader again from its seed: the sampler's own generator restarts too,
     # so the run must put it back where it was (here past the first pass over the held-out data)
-    from soupkit.data import make_loader
+    from soupkit.zoo.embedded_data import make_loader
 
     base, states, _ = bn_setup
     x, y = make_data()

@@ -7,11 +7,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-from soupkit import runner
-from soupkit.experiment import soup_options
-from soupkit.results import (append_jsonl, main_table, paper_table, ratio, read_jsonl, format_table,
-                             with_test_intervals, with_wilson_intervals, write_csv)
-from soupkit.stats import bootstrap_accuracy, wilson_interval
+from soupkit.experiments import runner
+from soupkit.experiments.run import soup_options
+from soupkit.experiments.results import (append_jsonl, main_table, paper_table, ratio, read_jsonl, format_table,
+                                         with_test_intervals, with_wilson_intervals, write_csv)
+from soupkit.experiments.stats import bootstrap_accuracy, wilson_interval
 
 
 def test_presets_load_and_bad_ones_are_explained(tmp_path):
@@ -224,7 +224,7 @@ def test_runner_argument_errors_are_one_line_and_create_nothing(argv, message, t
         runner.main([*argv, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
-    assert err.startswith("python -m soupkit.runner: error: ")
+    assert err.startswith("python -m soupkit.experiments.runner: error: ")
     assert not (tmp_path / "run").exists()
 
 
@@ -232,7 +232,7 @@ def test_runner_help_names_its_command_and_the_kernel(capsys):
     with pytest.raises(SystemExit):
         runner.main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: python -m soupkit.runner") and "Jupyter kernel the notebooks run on" in out
+    assert out.startswith("usage: python -m soupkit.experiments.runner") and "Jupyter kernel the notebooks run on" in out
 
 
 def test_commit_copy_pins_the_kernelspec_and_records_the_parameters(tmp_path):

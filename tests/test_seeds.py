@@ -1,4 +1,4 @@
-"""soupkit.seeds: the multi-seed tables on hand-made records, a tiny seed study end to end (seconds), the seeded
+"""soupkit.experiments.seeds: the multi-seed tables on hand-made records, a tiny seed study end to end (seconds), the seeded
 split of a zoo, and the runner's EXTRA / ``only`` mechanism that keeps notebook 10 out of the default presets."""
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 from scipy.stats import t
 
-from soupkit import runner
-from soupkit import zoo as zoo_mod
-from soupkit.data import load_splits
-from soupkit.experiment import write_predictions
-from soupkit.models import ViTConfig
-from soupkit.seeds import read_seed_records, seed_comparisons, seed_study, seed_summary, seed_zoo_config, \
-    seed_zoo_table
-from soupkit.stats import paired_difference
+from soupkit.experiments import runner
+from soupkit.zoo import build as zoo_mod
+from soupkit.zoo.embedded_data import load_splits
+from soupkit.experiments.run import write_predictions
+from soupkit.zoo.embedded_models import ViTConfig
+from soupkit.experiments.seeds import (read_seed_records, seed_comparisons, seed_study, seed_summary, seed_zoo_config,
+                                       seed_zoo_table)
+from soupkit.experiments.stats import paired_difference
 from soupkit.errors import ZooMismatchError
-from soupkit.zoo import ZooConfig, build_zoo, load_zoo
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.build import build_zoo, load_zoo
 
 T2 = t.ppf(0.975, 2)  # Student's t, 2 degrees of freedom (3 seeds): 4.3027
 
@@ -80,7 +81,7 @@ def test_seed_comparisons_paired_over_seeds_and_images(hand_records):
     assert table.loc[("b", "a"), "seeds a < b (images)"] == 3 and ab["seeds a > b (images)"] == 3
     # the image half-width is the mean over seeds of each seed's paired-bootstrap half-width
     rows = hand_records.set_index(["method", "seed"])["record"]
-    from soupkit.experiment import read_correct
+    from soupkit.experiments.run import read_correct
 
     expected = np.mean([paired_difference(read_correct(rows["a", s]), read_correct(rows["b", s])).half_width
                         for s in range(3)]) * 100
@@ -170,7 +171,7 @@ def test_different_seeds_give_different_zoos_and_splits(study):
 
 def test_seed_study_resumes_without_running_anything(study, monkeypatch):
     out, records = study
-    import soupkit.seeds as seeds_mod
+    import soupkit.experiments.seeds as seeds_mod
 
     def boom(*a, **k):
         raise AssertionError("nothing should run again")
@@ -184,7 +185,7 @@ def test_seed_study_resumes_without_running_anything(study, monkeypatch):
 
 def test_seed_study_reruns_only_stale_records(study, monkeypatch, tmp_path):
     out, _ = study
-    import soupkit.seeds as seeds_mod
+    import soupkit.experiments.seeds as seeds_mod
 
     calls = []
     monkeypatch.setattr(seeds_mod, "build_zoo", lambda *a, **k: calls.append(("zoo", a[0].parent.name)))

@@ -1,4 +1,4 @@
-"""soupkit.sources: a zoo made elsewhere (model-soups files, a sweep folder) behind the embedded zoo's interface."""
+"""soupkit.zoo.sources: a zoo made elsewhere (model-soups files, a sweep folder) behind the embedded zoo's interface."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from soupkit.clip_models import build_model_soups_model, create_clip, register_model_config
-from soupkit.experiment import RunSpec, run_method
-from soupkit.pool import save_state_dict
-from soupkit.sources import ExternalZoo, SourceSpec, open_zoo, prepare_zoo
+from soupkit.zoo.clip import build_model_soups_model, create_clip, register_model_config
+from soupkit.experiments.run import RunSpec, run_method
+from soupkit.pool.formats import save_state_dict
+from soupkit.zoo.sources import ExternalZoo, SourceSpec, open_zoo, prepare_zoo
 
 TINY = "soupkit-test-sources-vit-quickgelu"
 TINY_CFG = {"embed_dim": 16, "quick_gelu": True,
@@ -57,7 +57,7 @@ def test_model_soups_zoo_is_evaluated_once_and_runs_every_experiment(tiny, tmp_p
     assert isinstance(zoo, ExternalZoo) and len(zoo.records) == 3
     assert all(0 <= r["heldout_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in zoo.records)
     # a second call reads the records instead of evaluating again
-    monkeypatch.setattr("soupkit.evaluation.evaluate", lambda *a, **k: pytest.fail("evaluated twice"))
+    monkeypatch.setattr("soupkit.methods.result.evaluate", lambda *a, **k: pytest.fail("evaluated twice"))
     again = _prepare(tiny, tmp_path / "zoo")
     assert again.records == zoo.records and open_zoo(tmp_path / "zoo").paths == zoo.paths
     monkeypatch.undo()
@@ -108,5 +108,5 @@ def test_bad_sources_are_explained(tmp_path):
         prepare_zoo(tmp_path, "hub")
     with pytest.raises(ValueError, match="needs checkpoint_dir and data_root"):
         prepare_zoo(tmp_path, "model-soups")
-    with pytest.raises(FileNotFoundError, match="soupkit.hub"):
+    with pytest.raises(FileNotFoundError, match="soupkit.zoo.hub"):
         SourceSpec("model-soups", str(tmp_path), 2, "imagenet", "x", "y").checkpoint_paths()

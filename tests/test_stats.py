@@ -1,4 +1,4 @@
-"""Interval estimates (soupkit.stats) on cases computed by hand."""
+"""Interval estimates (soupkit.experiments.stats) on cases computed by hand."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from soupkit.stats import (
-    VERDICTS, Interval, bootstrap_accuracy, format_interval, paired_difference, seed_interval, verdict,
-    wilson_interval,
-)
+from soupkit.experiments.stats import (VERDICTS, Interval, bootstrap_accuracy, format_interval, paired_difference,
+                                       seed_interval, verdict, wilson_interval)
 
 
 def test_interval_scaling_and_half_width():
@@ -119,7 +117,7 @@ def test_format_interval():
 
 
 def test_seeds_needed_hand_cases() -> None:
-    from soupkit.stats import seeds_needed
+    from soupkit.experiments.stats import seeds_needed
 
     # S = 3: t(2) = 4.302653, 4.302653 * 1 / sqrt(3) = 2.484 -> half-width 2.5 needs 3 seeds, 2.4 needs 4
     assert seeds_needed(1.0, 2.5) == 3

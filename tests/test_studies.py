@@ -9,17 +9,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from soupkit.models import ViTConfig  # noqa: E402
-from soupkit.results import paper_table, read_csv  # noqa: E402
-from soupkit.experiment import read_correct  # noqa: E402
-from soupkit.soup_result import SoupResult  # noqa: E402
-from soupkit.stats import bootstrap_accuracy  # noqa: E402
-from soupkit.studies import (  # noqa: E402
-    cost_to_reach, finetuning_cost_study, growing_zoo, heldout_size_study, heldout_size_table, parse_list,
-    plot_finetuning_cost, plot_heldout_size, plot_top_models, remaining_after_top, scaled_counts,
-    top_models_study, top_models_table,
-)
-from soupkit.zoo import ZooConfig, build_zoo  # noqa: E402
+from soupkit.zoo.embedded_models import ViTConfig  # noqa: E402
+from soupkit.experiments.results import paper_table, read_csv  # noqa: E402
+from soupkit.experiments.run import read_correct  # noqa: E402
+from soupkit.methods.result import SoupResult  # noqa: E402
+from soupkit.experiments.stats import bootstrap_accuracy  # noqa: E402
+from soupkit.experiments.studies import (cost_to_reach, finetuning_cost_study, growing_zoo, heldout_size_study,
+                                         heldout_size_table, parse_list, plot_finetuning_cost, plot_heldout_size,
+                                         plot_top_models, remaining_after_top, scaled_counts, top_models_study,
+                                         top_models_table)
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.build import build_zoo  # noqa: E402
 
 TINY = ZooConfig(k=4, model=ViTConfig(width=32, layers=1, heads=2, output_dim=16), batch_size=64,
                  pretrain_epochs=1, lp_steps=5, epoch_choices=(1,), max_pretrain=128, max_finetune=128, max_eval=100)

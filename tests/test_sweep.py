@@ -1,4 +1,4 @@
-"""soupkit.sweep end to end on a tiny ViT and a tiny CIFAR-10 directory (seconds), and presets/paper.yaml."""
+"""soupkit.zoo.sweep end to end on a tiny ViT and a tiny CIFAR-10 directory (seconds), and presets/paper.yaml."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,13 @@ import pytest
 import torch
 import yaml
 
-from soupkit.clip_models import build_model_soups_model, load_model_soups_checkpoint, load_weights
-from soupkit.hub import sha256_file
-from soupkit.pool import CheckpointPool
-from soupkit.realdata import write_cifar_dir
+from soupkit.zoo.clip import build_model_soups_model, load_model_soups_checkpoint, load_weights
+from soupkit.io import sha256_file
+from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.zoo.realdata import write_cifar_dir
 from soupkit.errors import SweepError
-from soupkit.sweep import SweepConfig, main, sample_hparams, warmup_cosine
+from soupkit.engine.schedule import warmup_cosine
+from soupkit.zoo.sweep import SweepConfig, main, sample_hparams
 
 TINY = "soupkit-test-sweep-tiny"
 TINY_CFG = {  # the tokenizer emits CLIP's full vocabulary, so the zero-shot head needs vocab_size 49408
@@ -94,7 +95,23 @@ def test_warmup_cosine_schedule():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0] and values[4] == 1.0
     assert values[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(x >= y for x, y in zip(values[3:], values[4:]))
-    assert warmup_cosine(0, 1, 500) == 1.0  # warm-up longer than the run is capped
+    assert warmup_cosine(12, 10, 4) == 0.0  # held at 0 past the end
+    assert [warmup_cosine(s, 10, 0, constant=True) for s in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_sweep_caps_a_warm_up_longer_than_the_run(setup, monkeypatch):
+    """The sweep's one-step run with a 500-step warm-up trains at the full lr (the cap), not lr / 500."""
+    seen = []
+    real = torch.optim.lr_scheduler.LambdaLR
+
+    def recording(opt, fn):
+        seen.append(fn(0))
+        return real(opt, fn)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "LambdaLR", recording)
+    tmp_path, base = setup
+    main([*base, "--out", str(tmp_path / "zoo"), "--k", "1", "--warmup-steps", "500", "--max-steps", "1"])
+    assert seen == [1.0]
 
 
 
@@ -108,7 +125,7 @@ def test_paper_preset_has_the_papers_settings():
 
 
 def test_pretrained_file_is_the_start_of_every_model(setup):
-    from soupkit.clip_models import create_clip
+    from soupkit.zoo.clip import create_clip
     tmp_path, base = setup
     main([*base, "--out", str(tmp_path / "probe"), "--k", "0"])  # registers the tiny config, trains nothing
     torch.manual_seed(123)

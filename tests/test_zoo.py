@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from soupkit import zoo as zoo_mod
-from soupkit.data import load_split, to_tensor
-from soupkit.models import ViTConfig, build_vit_classifier
-from soupkit.zoo import ZooConfig, ZooMismatchError, build_zoo, load_zoo, sample_hparams
+from soupkit.zoo import build as zoo_mod
+from soupkit.zoo.embedded_data import load_split, to_tensor
+from soupkit.zoo.embedded_models import ViTConfig, build_vit_classifier
+from soupkit.zoo.config import ZooConfig
+from soupkit.errors import ZooMismatchError
+from soupkit.zoo.build import build_zoo, load_zoo, sample_hparams
 
 TINY = ZooConfig(
     k=2, model=ViTConfig(width=32, layers=1, heads=2, output_dim=16), batch_size=64,

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from soupkit import make_soup
-from soupkit.batchnorm import batchnorm_layers, bn_comparison, reestimate_bn
-from soupkit.data import TASKS, Corruption, corrupt_images, load_animal_mnist, load_task
-from soupkit.evaluation import evaluate
-from soupkit.experiment import run_methods
-from soupkit.models import ResNetConfig, ViTConfig, build_classifier, model_config_from_dict
+from soupkit.experiments.batchnorm import batchnorm_layers, bn_comparison, reestimate_bn
+from soupkit.zoo.embedded_data import TASKS, Corruption, corrupt_images, load_animal_mnist, load_task
+from soupkit.methods.result import evaluate
+from soupkit.experiments.run import run_methods
+from soupkit.zoo.embedded_models import ResNetConfig, ViTConfig, build_classifier, model_config_from_dict
 from soupkit.errors import ZooMismatchError
-from soupkit.zoo import ZooConfig, build_zoo, load_zoo
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.build import build_zoo, load_zoo
 
 SMALL = dict(k=2, batch_size=64, pretrain_epochs=1, lp_steps=5, epoch_choices=(1,), max_pretrain=128,
              max_finetune=128, max_eval=100)
@@ -57,7 +58,7 @@ def test_resnet_zoo_builds_loads_and_soups_its_buffers(resnet_zoo, tmp_path) -> 
     records = run_methods(zoo.out_dir, tmp_path / "runs", ["uniform", "mehl+"], isolate=False, progress=False,
                           heldout_size=50, options={"mehl+": {"epochs": 1.0, "model_batch_size": 1}})
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
-    from soupkit.soup_result import SoupResult  # noqa: PLC0415
+    from soupkit.methods.result import SoupResult  # noqa: PLC0415
 
     uniform = SoupResult.load(tmp_path / "runs" / "uniform").state_dict
     assert torch.allclose(uniform[key], (a[key] + b[key]) / 2)  # the buffer is souped like the weights

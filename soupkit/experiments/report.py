@@ -1,0 +1,191 @@
+"""The result tables of README.md and docs/*.md, generated from the committed result files (never typed in).
+
+The documents hold blocks between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; this module renders
+each from ``figures/*.csv`` and ``data/*``, and a test checks that every document's copy is the rendered one.
+
+    python -m soupkit.experiments.report --write     # refresh the generated blocks after `make update-committed`
+    python -m soupkit.experiments.report --check     # exit 1 when a block differs from what the files give
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+__all__ = ["BLOCKS", "DOCUMENTS", "render", "update_readme", "update_documents", "main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "-" if pd.isna(x) else f"{x:.{digits}f}"
+
+
+def _ci(est: float, low: float, high: float, digits: int = 2, signed: bool = False) -> str:
+    if pd.isna(est):
+        return "-"
+    f = (lambda v: f"{v:+.{digits}f}") if signed else (lambda v: f"{v:.{digits}f}")
+    return f"{f(est)} [{f(low)}, {f(high)}]" if pd.notna(low) else f(est)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_table_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(figures / "main_table.csv")
+    rows = [[r["Method"], _ci(r["test acc (%)"], r["test low (%)"], r["test high (%)"]),
+             _fmt(r["held-out acc (%)"]), _fmt(r["#epoch"], 0), _fmt(r["construction (s)"], 1),
+             _fmt(r["peak memory (MB)"], 1), r["note"] if isinstance(r["note"], str) else "",
+             _fmt(r["paper acc (%)"])] for _, r in t.iterrows()]
+    return _table(["Method", "test acc (%) [95 % CI, test images]", "held-out acc (%)", "#epoch",
+                   "construction (s)", "peak memory (MB)", "note", "paper acc (%)"], rows)
+
+
+def seeds_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(figures / "seeds_summary.csv")
+    rows = [[r["Method"], int(r["seeds"]), _ci(r["mean test acc (%)"], r["t low (%)"], r["t high (%)"]),
+             _fmt(r["sd over seeds (points)"]), f"{_fmt(r['min (%)'])}-{_fmt(r['max (%)'])}"] for _, r in t.iterrows()]
+    return _table(["Method", "seeds", "mean test acc (%) [95 % t CI over seeds]", "sd over seeds (points)",
+                   "range (%)"], rows)
+
+
+def seed_comparisons_block(figures: Path, data: Path) -> str:
+    from soupkit.experiments.results import DISPLAY  # noqa: PLC0415
+
+    t = pd.read_csv(figures / "seeds_comparisons.csv")
+    rows = [[f"{DISPLAY.get(r['a'], r['a'])} − {DISPLAY.get(r['b'], r['b'])}", int(r["seeds"]),
+             _ci(r["mean difference (points)"], r["t low (points)"], r["t high (points)"], signed=True),
+             f"±{_fmt(r['t half-width (points)'])}", f"±{_fmt(r['image half-width (points)'])}",
+             r["verdict (a > b)"]] for _, r in t.iterrows()]
+    return _table(["difference (points)", "seeds", "mean [95 % t CI over seeds]", "half-width over seeds",
+                   "half-width over test images (one seed)", "verdict on A > B"], rows)
+
+
+def claims_block(figures: Path, data: Path) -> str:
+    return (figures / "claims.md").read_text().strip()
+
+
+def verdicts_block(figures: Path, data: Path) -> str:
+    """One line per verdict of the claims table, naming its claims: the README's summary, never typed in."""
+    t = pd.read_csv(figures / "claims.csv")
+    lines = []
+    order = ["reproduces", "contradicted", "cannot tell at this scale"]
+    for verdict in order + sorted(set(t["verdict"]) - set(order)):
+        rows = t[t["verdict"] == verdict]
+        if len(rows):
+            # the claims without their trailing unit, "(points)" or "(ratio; ...)"
+            claims = "; ".join(re.sub(r" \((points|ratio)[^()]*\)$", "", c) for c in rows["claim"])
+            lines.append(f"- **{verdict}** ({len(rows)} of {len(t)}): {claims}.")
+    return "\n".join(lines)
+
+
+def plan_check_block(figures: Path, data: Path) -> str:
+    """The memory planner's prediction beside the measured peak, per method and K (benchmarks/plan_check.py)."""
+    t = pd.read_csv(data / "results" / "plan_check_cpu.csv")
+    ks = sorted(t["K"].unique())
+    rows = []
+    for method, g in t.groupby("method", sort=False):
+        by_k = {int(r["K"]): f"{r['predicted_mb']:.1f} / {r['measured_mb']:.1f} ({r['ratio']:.2f})" for _, r in g.iterrows()}
+        rows.append([f"`{method}`", f"`{g['formula'].iloc[0]}`", *[by_k.get(int(k), "-") for k in ks]])
+    within = int(t["within"].sum())
+    return (_table(["method", "CPU formula", *[f"K = {k}: predicted / measured MB (ratio)" for k in ks]], rows)
+            + f"\n\n{within} of {len(t)} (method, K) within 15 % (MEHL b = "
+              f"{int(t[t['method'].str.startswith('mehl')]['b'].max())}, data batch "
+              f"{int(t['batch'].iloc[0])}; each in a fresh process, one measurement each).")
+
+
+def numerics_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(data / "results" / "numerics_cpu.csv")
+    rows = [[r["numerics"], r["setting"], r["cpu_capability"], f"`{r['sha256']}`"] for _, r in t.iterrows()]
+    ratio = t["timing_ratio_pinned_over_native"].iloc[0]
+    return (_table(["numerics", "setting", "ATen kernels", "sha256 of the weights (first 16)"], rows)
+            + f"\n\nTraining time pinned / native, measured side by side (median of alternated runs): {ratio:.2f}.")
+
+
+def tolerances_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(data / "tolerances.csv")
+    rows = [[r["kind"], _fmt(r["tolerance"]), _fmt(r["seed_sd_points"], 3), _fmt(r["float_path_max_points"], 3)]
+            for _, r in t.iterrows()]
+    return (_table(["kind of number", "tolerance (points)", "pooled sd over seeds (points)",
+                    "largest float-path difference measured (points)"], rows)
+            + f"\n\nRule: {t['rule'].iloc[0]}.")
+
+
+def power_block(figures: Path, data: Path) -> str:
+    from soupkit.experiments.claims import power_line  # noqa: PLC0415
+
+    return power_line(pd.read_csv(figures / "seeds_comparisons.csv")) + "."
+
+
+BLOCKS: dict[str, Callable[[Path, Path], str]] = {
+    "main_table": main_table_block, "seeds": seeds_block, "seed_comparisons": seed_comparisons_block,
+    "power": power_block,
+    "claims": claims_block, "verdicts": verdicts_block, "plan_check": plan_check_block, "numerics": numerics_block, "tolerances": tolerances_block,
+}
+_BLOCK = re.compile(r"<!-- generated: (?P<name>[a-z_]+) -->\n(?P<body>.*?)\n?<!-- end: (?P=name) -->", re.S)
+
+
+def render(name: str, figures: Path = ROOT / "figures", data: Path = ROOT / "data") -> str:
+    """The markdown of block ``name`` from the result files (a line saying which file is missing, if one is)."""
+    try:
+        return BLOCKS[name](figures, data)
+    except FileNotFoundError as err:
+        return f"(not generated: {Path(err.filename).name} is missing; run the notebook that writes it)"
+
+
+def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[str]:
+    """Re-render every generated block of ``path``; returns the names of blocks that changed (written if
+    ``write``)."""
+    text = path.read_text()
+    changed = []
+
+    def fill(m: re.Match) -> str:
+        body = render(m["name"])
+        if body != m["body"]:
+            changed.append(m["name"])
+        return f"<!-- generated: {m['name']} -->\n{body}\n<!-- end: {m['name']} -->"
+
+    new = _BLOCK.sub(fill, text)
+    if write and changed:
+        path.write_text(new)
+    return changed
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+DOCUMENTS: Callable[[], list[Path]] = _documents
+
+
+def update_documents(paths: Sequence[Path] | None = None, write: bool = True) -> dict[str, list[str]]:
+    """:func:`update_readme` on README.md and every docs/*.md; returns ``{file name: changed blocks}`` (those
+    with a change only)."""
+    out = {}
+    for path in paths if paths is not None else DOCUMENTS():
+        changed = update_readme(path, write=write)
+        if changed:
+            out[str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)] = changed
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m soupkit.experiments.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the generated blocks of README.md and docs/")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a block differs")
+    args = parser.parse_args(argv)
+    changed = update_documents(write=args.write)
+    listing = "; ".join(f"{f}: {', '.join(names)}" for f, names in changed.items())
+    print(("rewrote: " if args.write else "differ: ") + (listing or "none"))
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

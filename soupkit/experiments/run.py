@@ -1,0 +1,286 @@
+"""Run soup methods on a zoo and record the paper's table columns, each method in a fresh process.
+
+A fresh process per method is what makes the peak-memory column honest on CPU: the resident-set high-water
+mark, the allocator's caches and the models of an earlier method in the same process would all leak into
+the next method's number.
+
+    python -m soupkit.experiments.run '{"zoo_dir": "outputs/zoo", "method": "mehl+", "record": "out/mehl+.json"}'
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from soupkit.zoo.embedded_data import make_loader
+from soupkit.engine.evaluation import accuracy
+from soupkit.methods.result import soup_logits
+from soupkit.io import atomic_write_json, atomic_write_text
+from soupkit.config import MAIN_TABLE_SETTINGS
+from soupkit.errors import DivergenceError
+from soupkit.errors import MemoryCapExceeded
+from soupkit.runtime.numerics import numerics_info
+from soupkit.runtime.progress import ENV as PROGRESS_ENV, report
+from soupkit.methods.registry import METHODS, make_soup
+from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.zoo.sources import open_zoo
+from soupkit.zoo.build import Zoo
+
+__all__ = ["RunSpec", "main_table_options", "predictions_path", "write_predictions", "read_correct",
+           "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One soup run on a zoo (all fields are JSON scalars, so a spec crosses process boundaries).
+
+    Attributes:
+        zoo_dir: the zoo (``sources.prepare_zoo`` / ``soupkit.zoo.build_zoo`` output).
+        method: a name of ``soupkit.METHODS``.
+        record: JSON file the record is written to; ``save_dir`` (optional) receives the SoupResult.
+        models: use only these zoo indices (e.g. to drop the top models); None = all.
+        heldout_size: images of the held-out split used (a class-balanced prefix); None = all.
+        select_fraction: part of those held out for early stopping of learned soups (0 = none).
+        options: keyword options of ``make_soup`` (scalars).
+        memory_cap_mb: stop the soup construction once it uses more than this many MB above the level at its
+            start (``memory.MemoryCap``); the record then says ``status: "did not fit"`` (``"diverged"`` for a
+            run stopped by a non-finite loss) with no accuracy, as
+            the paper reports ">256GB". None: no cap. On CPU this needs the run on the main thread.
+        device: where the soup is built and evaluated (``"cpu"``, ``"cuda"``).
+    """
+
+    zoo_dir: str
+    method: str
+    record: str
+    save_dir: str | None = None
+    models: tuple[int, ...] | None = None
+    heldout_size: int | None = None
+    select_fraction: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    memory_cap_mb: float | None = None
+    device: str = "cpu"
+
+
+def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float = 0.01,
+                 weight_decay: float = 0.0, epochs: float = 5.0, model_batch_size: int | None = None,
+                 **common: Any) -> dict[str, Any]:
+    """``make_soup`` options for ``method`` from the scalar parameters notebooks expose."""
+    opts: dict[str, Any] = dict(common)
+    if method.startswith("learned"):
+        opts.update(lr=learned_lr, epochs=epochs)
+    elif method.startswith(("hl", "mehl")):
+        opts.update(lr=hyperplane_lr, weight_decay=weight_decay, epochs=epochs)
+        if method.startswith("mehl") and model_batch_size is not None:
+            opts["model_batch_size"] = model_batch_size
+    return opts
+
+
+_LEARNING_KEYS = ("learned_lr", "hyperplane_lr", "weight_decay", "epochs", "model_batch_size")
+
+
+def main_table_options(method: str, num_models: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """``make_soup`` options of ``method`` as notebook 02 runs it (:data:`MAIN_TABLE_SETTINGS` through
+    :func:`soup_options`); ``overrides`` are ``soup_options`` keywords. ``model_batch_size`` is capped at
+    ``num_models`` (b above K is one block of all K, and make_soup would warn)."""
+    settings = {**{k: MAIN_TABLE_SETTINGS[k] for k in _LEARNING_KEYS}, **overrides}
+    if num_models is not None and settings.get("model_batch_size") is not None:
+        settings["model_batch_size"] = min(settings["model_batch_size"], num_models)
+    return soup_options(method, **settings)
+
+
+def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
+                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    """Loaders of a zoo's data: ``learn`` (shuffled held-out part for coefficients), ``select`` (held-out part
+    for early stopping, or None), ``heldout`` and ``test`` (fixed order, for evaluation). A zoo made elsewhere
+    (``sources.ExternalZoo``) brings its own."""
+    if hasattr(zoo, "loaders"):
+        return zoo.loaders(heldout_size, batch_size, eval_batch_size, select_fraction, seed)
+    hx, hy = zoo.tensors("heldout", heldout_size)
+    tx, ty = zoo.tensors("test", None)
+    n_select = int(round(select_fraction * len(hy)))
+    learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
+    return {
+        "learn": make_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
+        "select": make_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
+        if n_select else None,
+        "heldout": make_loader(hx, hy, eval_batch_size, shuffle=False),
+        "test": make_loader(tx, ty, eval_batch_size, shuffle=False),
+    }
+
+
+def zoo_table(zoo: Zoo) -> pd.DataFrame:
+    """One row per fine-tune: index, hyper-parameters, held-out/test accuracy (fractions), fine-tune seconds."""
+    rows = [{"index": r["index"], **(r.get("hparams") or {}), "heldout_acc": r["heldout_acc"],
+             "test_acc": r["test_acc"], "finetune_seconds": r.get("finetune_seconds")} for r in zoo.records]
+    return pd.DataFrame(rows)
+
+
+def zoo_regime(zoo: Any, uniform_test_accuracy: float) -> pd.Series:
+    """Test accuracy (%) of the zoo's landmarks: linear probe (embedded zoos), worst / mean / best individual,
+    the "best" baseline (best by held-out accuracy) and the uniform soup -- is the zoo in the paper's regime?"""
+    models = zoo_table(zoo)
+    rows = {}
+    info = getattr(zoo, "info", None)
+    if info:
+        rows["linear probe (start of every fine-tune)"] = info["backbone"]["lp_test_acc"]
+    rows.update({
+        "worst individual": models.test_acc.min(),
+        "mean individual": models.test_acc.mean(),
+        "best individual (by test)": models.test_acc.max(),
+        "best individual (by held-out, the 'best' baseline)": models.test_acc[models.heldout_acc.idxmax()],
+        "uniform soup": uniform_test_accuracy,
+    })
+    return pd.Series(rows, name="test accuracy (%)").mul(100).round(2)
+
+
+def predictions_path(record: str | os.PathLike) -> Path:
+    """Where the per-image test predictions of the run whose record is ``record`` (``x.json``) live:
+    ``x.predictions.csv``."""
+    record = Path(record)
+    return record.with_name(f"{record.stem}.predictions.csv")
+
+
+def write_predictions(record: str | os.PathLike, labels: torch.Tensor, predicted: torch.Tensor) -> Path:
+    """Write ``labels [N]`` and ``predicted [N]`` (test-set order) beside ``record``, atomically."""
+    lines = ["label,prediction"] + [f"{int(y)},{int(p)}" for y, p in zip(labels.tolist(), predicted.tolist())]
+    return atomic_write_text(predictions_path(record), "\n".join(lines) + "\n")
+
+
+def read_correct(record: str | os.PathLike) -> "np.ndarray":
+    """``[N]`` bool: which test images the run of ``record`` classified correctly (from its predictions file)."""
+    import numpy as np  # noqa: PLC0415
+
+    path = predictions_path(record)
+    if not path.is_file():
+        raise FileNotFoundError(f"no per-image predictions {path} for record {record}: rerun the method")
+    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    return table[:, 0] == table[:, 1]
+
+
+def _report_done(spec: RunSpec, record: dict[str, Any], seconds: float) -> None:
+    """One progress line for a finished run (``soupkit.runtime.progress``: on in notebooks, off elsewhere)."""
+    acc = record.get("test_accuracy")
+    report(f"{spec.method}: {record.get('status', 'ok')}" + (f", test accuracy {100 * acc:.2f} %" if acc is not None
+           else "") + f", {seconds:.0f} s -> {spec.record}")
+
+
+def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
+    """Run ``spec`` in this process; write and return its record (accuracies as fractions)."""
+    started = time.perf_counter()
+    record = _run_method(spec, progress)
+    _report_done(spec, record, time.perf_counter() - started)
+    return record
+
+
+def _run_method(spec: RunSpec, progress: bool) -> dict[str, Any]:
+    zoo = open_zoo(spec.zoo_dir)
+    indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
+    pool = CheckpointPool([zoo.paths[i] for i in indices])
+    model = zoo.make_model()
+    loaders = zoo_loaders(zoo, spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction,
+                          spec.seed)
+    options = {"progress": progress, "seed": spec.seed, "device": spec.device, **spec.options}
+    if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+",
+                                                         "mehl+released"}:
+        options["select_loader"] = loaders["select"]
+    base = {k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")}
+    if spec.memory_cap_mb:
+        options["memory_cap_mb"] = spec.memory_cap_mb
+    try:
+        result = make_soup(spec.method, model, pool, loaders["learn"], **options)
+    except (MemoryCapExceeded, torch.OutOfMemoryError) as err:
+        # a run the machine (or the cap standing for a smaller one) cannot hold is a result, as the paper's ">256GB"
+        seen = err.seen_bytes if isinstance(err, MemoryCapExceeded) else None
+        record = {**base, "num_models": len(pool), "status": "did not fit", "test_accuracy": None,
+                  "heldout_accuracy": None, "peak_memory_bytes": seen, "note": str(err).splitlines()[0]}
+        atomic_write_json(spec.record, record)
+        return record
+    except DivergenceError as err:
+        # a method whose coefficients run off to NaN/Inf on this zoo is a result too (no soup was written)
+        record = {**base, "num_models": len(pool), "status": "diverged", "test_accuracy": None,
+                  "heldout_accuracy": None, "peak_memory_bytes": None, "note": str(err).splitlines()[0]}
+        atomic_write_json(spec.record, record)
+        return record
+    test_logits, test_labels = soup_logits(model, result, loaders["test"], spec.device)
+    write_predictions(spec.record, test_labels, test_logits.argmax(dim=1))
+    record = {
+        **base,
+        "status": "ok",
+        "num_models": len(pool),
+        "test_accuracy": accuracy(test_logits, test_labels),
+        "heldout_accuracy": accuracy(*soup_logits(model, result, loaders["heldout"], spec.device)),
+        "test_images": len(test_labels),
+        "predictions": predictions_path(spec.record).name,
+        **{k: v for k, v in result.stats.items() if not isinstance(v, (list, dict))},
+        **numerics_info(),
+    }
+    if "chosen" in result.stats:
+        record["chosen"] = [indices[i] for i in result.stats["chosen"]]
+    if spec.save_dir:
+        result.save(spec.save_dir)
+    atomic_write_json(spec.record, record)
+    return record
+
+
+def run_isolated(spec: RunSpec, timeout: float | None = None) -> dict[str, Any]:
+    """:func:`run_method` in a fresh Python process (honest peak memory); returns the record it wrote."""
+    payload = json.dumps(asdict(spec))
+    started = time.perf_counter()
+    # the child's own progress line would only land in the captured stderr: this process reports instead
+    proc = subprocess.run([sys.executable, "-m", "soupkit.experiments.run", payload], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: "0"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec.method} failed in its subprocess (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    record = json.loads(Path(spec.record).read_text())
+    _report_done(spec, record, time.perf_counter() - started)
+    return record
+
+
+def run_methods(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, methods: Sequence[str] | None = None,
+                isolate: bool = True, progress: bool = True, options: dict[str, dict[str, Any]] | None = None,
+                **spec_fields: Any) -> list[dict[str, Any]]:
+    """Run each method on the zoo (fresh process each when ``isolate``), write ``<out_dir>/<method>.json`` and
+    ``<out_dir>/<method>/`` (soup, coefficients), and return the records in order.
+
+    Args:
+        methods: names of ``soupkit.METHODS`` (default: all).
+        options: per-method ``make_soup`` options, ``{method: {...}}``.
+        **spec_fields: other :class:`RunSpec` fields shared by all runs (``heldout_size``, ``models``...).
+    """
+    methods = list(methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    out = Path(out_dir)
+    records = []
+    for method in tqdm(methods, desc="soup methods", disable=not progress):
+        spec = RunSpec(zoo_dir=str(zoo_dir), method=method, record=str(out / f"{method}.json"),
+                       save_dir=str(out / method.replace("+", "_plus")), options=(options or {}).get(method, {}),
+                       **spec_fields)
+        records.append(run_isolated(spec) if isolate else run_method(spec))
+    return records
+
+
+def _spec_from_json(payload: str) -> RunSpec:
+    raw = json.loads(payload)
+    if raw.get("models") is not None:
+        raw["models"] = tuple(raw["models"])
+    return replace(RunSpec(raw.pop("zoo_dir"), raw.pop("method"), raw.pop("record")), **raw)
+
+
+if __name__ == "__main__":
+    run_method(_spec_from_json(sys.argv[1]))

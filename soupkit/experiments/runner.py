@@ -1,0 +1,347 @@
+"""Execute the paper's notebooks with papermill, in dependency order, at a preset scale.
+
+    python -m soupkit.experiments.runner --preset embedded --out outputs --jobs 2  # what `make reproduce` runs
+    python -m soupkit.experiments.runner --preset smoke --out outputs/smoke --only 02_main_table
+    python -m soupkit.experiments.runner --stages                                  # notebook groups that may run at once
+    python -m soupkit.experiments.runner --preset paper --params 02_main_table > p.yaml   # one notebook: papermill -f p.yaml
+
+A preset is ``presets/<name>.yaml``::
+
+    description: one line
+    common: {num_models: 32}           # given to every notebook that declares the parameter
+    notebooks:
+      02_main_table: {heldout_size: 1000}
+    only: [10_seeds]                   # optional: run just these (default: every notebook but EXTRA)
+
+Only parameters a notebook declares in its ``parameters`` cell are passed to it. Executed notebooks go to
+``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>`` and their figures and tables under
+``<out>/figures/``, so a run never changes a tracked file. ``--update-committed`` (the maintainers' refresh of
+the committed results, for the presets in ``COMMITTED_FIGURES``) draws them under ``figures/`` instead and copies
+each executed notebook over ``notebooks/``.
+``EXTRA`` notebooks (10, the multi-seed study) run only when a preset's ``only`` or ``--only`` names them.
+
+The console shows one line per notebook started / done and, prefixed with the notebook's name, what its kernel
+writes to stderr: soupkit's one line per finished soup (``soupkit.runtime.progress``) and any warning; its stdout
+(tables, prints) stays in the executed notebook. By hand, ``papermill --stderr-file /dev/stderr`` shows the same
+lines (``--log-output`` shows every output). ipykernel's "Kernel is running over TCP without encryption" warning is
+dropped by the venv's kernel config (``jupyter/ipython_kernel_config.py``, installed by ``make setup``), for the
+runner's kernels and papermill's by hand alike.
+
+Committed notebooks (``--update-committed``) hold no injected-parameters cell and no path of this machine: the
+preset and the parameters it gave are in ``metadata.soupkit``, and the kernelspec is pinned to what JupyterLab 4
+writes (``KERNELSPEC``), so opening a committed notebook does not modify it.
+
+With ``jobs > 1`` notebooks whose inputs are ready run side by side (``DEPENDS``: the zoo notebooks 01, 03 and
+09 need nothing, 05 reads 02's soups, the rest read 01's zoo), each kernel with ``cpu_count // jobs`` torch
+threads; results do not depend on it (zoos fix their own thread count). A failed notebook stops only the
+notebooks that depend on it; the others finish, and the runner then raises with every failure.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from soupkit.errors import OneLineArgumentParser
+
+__all__ = ["NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
+           "notebook_parameters", "pin_metadata", "run_notebooks", "main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = ROOT / "notebooks"
+PRESET_DIR = ROOT / "presets"
+# dependency order: the zoo first, then everything that reads it
+NOTEBOOKS = [
+    "01_zoo", "02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
+    "07_ablations", "08_heldout_size", "09_resnet", "10_seeds", "11_claims",
+]
+# run only when named, by a preset's ``only`` list or by --only (longer than a default run; `make test`'s nbval
+# groups, --stages, leave them out too)
+EXTRA: tuple[str, ...] = ("10_seeds",)
+# what each notebook reads from another's outputs (all others build their own inputs)
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "02_main_table": ("01_zoo",), "04_top_models": ("01_zoo",), "05_coefficients": ("02_main_table",),
+    "06_finetuning_cost": ("01_zoo",), "07_ablations": ("01_zoo",), "08_heldout_size": ("01_zoo",),
+    "10_seeds": (),  # builds its own zoos
+    # the claims read every study's records (and notebook 10's when they exist, e.g. committed before)
+    "11_claims": ("02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
+                  "07_ablations", "09_resnet"),
+}
+# presets whose results are the committed ones (figures/ and notebooks/, refreshed with --update-committed)
+COMMITTED_FIGURES: tuple[str, ...] = ("embedded", "seeds")
+# the kernelspec JupyterLab 4 writes on opening a notebook (ipykernel's display name): committed as is, so an
+# autosave does not modify a committed notebook
+KERNELSPEC: dict[str, str] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+def stages(names: Sequence[str] | None = None) -> list[list[str]]:
+    """``names`` (default: every notebook) in groups; each group needs only the groups before it."""
+    todo = list(names or NOTEBOOKS)
+    done: set[str] = set()
+    groups = []
+    while todo:
+        ready = [n for n in todo if all(d in done or d not in todo for d in DEPENDS.get(n, ()))]
+        groups.append(ready)
+        done |= set(ready)
+        todo = [n for n in todo if n not in done]
+    return groups
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """Read a preset by name (``presets/<name>.yaml``) or path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"preset {name_or_path!r} not found (known presets: {known})")
+    preset = yaml.safe_load(path.read_text()) or {}
+    extra = sorted(set(preset) - {"description", "common", "notebooks", "only"})
+    if extra:
+        raise ValueError(f"{path} is not a runner preset (unexpected keys {extra[:3]}...): a runner preset has "
+                         "'description', 'common', 'notebooks' and optionally 'only'; see presets/README.md")
+    preset.setdefault("common", {})
+    preset.setdefault("notebooks", {})
+    return preset
+
+
+def _declared_parameters(path: Path) -> set[str]:
+    import papermill  # noqa: PLC0415  (heavy import, only when running notebooks)
+
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def notebook_parameters(preset: str, name: str) -> dict[str, Any]:
+    """The parameters ``preset`` gives notebook ``name`` (its ``common`` and ``notebooks.<name>`` entries, only
+    the names the notebook declares): what to hand to ``papermill -f`` to run that notebook alone."""
+    spec = load_preset(preset)
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not path.is_file():
+        available = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+        raise ValueError(f"unknown notebook {name!r}; available: {', '.join(available)}")
+    declared = _declared_parameters(path)
+    params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
+    return {key: value for key, value in params.items() if key in declared}
+
+
+def pin_metadata(metadata: dict[str, Any], preset: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``metadata`` (a notebook's, changed in place and returned) with the pinned :data:`KERNELSPEC` and, when
+    given, ``soupkit: {preset, parameters}``: the record of what a committed notebook was run with."""
+    metadata["kernelspec"] = dict(KERNELSPEC)
+    if parameters is not None:
+        metadata["soupkit"] = {"preset": preset, "parameters": dict(parameters)}
+    return metadata
+
+
+def _commit_copy(executed: Path, source: Path, preset: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> None:
+    """Copy an executed notebook over its source, without papermill's record of this machine's paths and
+    without its injected-parameters cell (committed, it would override a user's edits of the parameters cell);
+    the parameters it ran with go to ``metadata.soupkit`` instead, beside the pinned kernelspec."""
+    import nbformat  # noqa: PLC0415
+
+    nb = nbformat.read(executed, as_version=4)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    record = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if key in record:
+            record[key] = f"notebooks/{source.name}"
+    pin_metadata(nb.metadata, preset, parameters)
+    nbformat.write(nb, source)
+
+
+class _Prefixed:
+    """A text stream for papermill's ``stderr_file``: each line of a kernel's stderr to this process's stderr,
+    prefixed with the notebook's name (several notebooks may run at once), whole lines only."""
+
+    def __init__(self, name: str, lock: threading.Lock) -> None:
+        self.name, self.lock, self.pending = name, lock, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text.replace("\r", "\n")  # a tqdm bar's redraws become lines, not one growing line
+        *lines, self.pending = self.pending.split("\n")
+        with self.lock:
+            for line in lines:
+                if line.strip():
+                    print(f"  {self.name}: {line}", file=sys.stderr, flush=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.pending.strip():
+            self.write("\n")
+
+
+def _select(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
+    """The notebooks to run; ValueError naming an unknown one (before anything is created)."""
+    names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+    only = only or spec.get("only")
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown notebook {unknown[0]!r}{hint}; available: {', '.join(names)}")
+        return [n for n in names if n in only]
+    return [n for n in names if n not in EXTRA]
+
+
+def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", only: Sequence[str] | None = None,
+                  update_committed: bool = False, kernel: str = "python3", jobs: int = 1) -> list[tuple[str, float]]:
+    """Execute the notebooks of ``preset`` in dependency order; returns ``[(name, seconds)]`` in finishing order.
+
+    Args:
+        preset: preset name or YAML path.
+        out: output folder (CSV/JSON records, executed notebooks).
+        only: names of the notebooks to run (default: the preset's ``only`` list, else all that exist but
+            ``EXTRA``); their inputs from notebooks left out must already be under ``out``.
+        update_committed: copy each executed notebook back over ``notebooks/<name>.ipynb`` (to refresh the
+            committed outputs that nbval checks).
+        jobs: notebooks run at once (each kernel then gets ``cpu_count // jobs`` torch threads).
+    Raises:
+        RuntimeError: naming every notebook that failed or was skipped because an input failed.
+    """
+    import papermill  # noqa: PLC0415
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    spec = load_preset(preset)
+    names = _select(spec, only)  # every argument checked before anything is created
+    out = Path(out).resolve()
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    figures = ROOT / "figures" if update_committed else out / "figures"
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    if jobs > 1:  # kernels inherit the environment: keep jobs x threads within the machine's cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            print(line, flush=True)
+
+    def execute(k: int, name: str) -> float:
+        source = NOTEBOOK_DIR / f"{name}.ipynb"
+        params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
+        # a path relative to the notebooks folder, so executed notebooks never carry this machine's paths
+        params["out_dir"] = os.path.relpath(out, NOTEBOOK_DIR)
+        # figures/ holds the committed results (--update-committed); any other run draws under <out>
+        params["figures_dir"] = os.path.relpath(figures, NOTEBOOK_DIR)
+        declared = _declared_parameters(source)
+        params = {key: value for key, value in params.items() if key in declared}
+        target = out / "notebooks" / f"{name}.ipynb"
+        say(f"[{k}/{len(names)}] {name} ({Path(preset).stem}) started")
+        start = time.perf_counter()
+        stderr = _Prefixed(name, lock)
+        try:
+            papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                       kernel_name=kernel, progress_bar=False, stderr_file=stderr)
+        finally:
+            stderr.close()
+        seconds = time.perf_counter() - start
+        say(f"[{k}/{len(names)}] {name} done in {seconds:.0f} s")
+        if update_committed:
+            _commit_copy(target, source, Path(preset).stem, params)
+        return seconds
+
+    timings: list[tuple[str, float]] = []
+    failed: dict[str, str] = {}
+    pending = list(names)
+    running: dict[Future, str] = {}
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while pending or running:
+                for name in list(pending):
+                    deps = [d for d in DEPENDS.get(name, ()) if d in names]
+                    if any(d in failed for d in deps):
+                        failed[name] = f"skipped: its input {next(d for d in deps if d in failed)} failed"
+                        pending.remove(name)
+                    elif len(running) < jobs and all(d in dict(timings) for d in deps):
+                        running[pool.submit(execute, names.index(name) + 1, name)] = name
+                        pending.remove(name)
+                if not running:
+                    if pending:  # cannot happen with an acyclic DEPENDS; never spin
+                        raise RuntimeError(f"notebooks {pending} wait on inputs that never run")
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        timings.append((name, future.result()))
+                    except Exception as err:  # noqa: BLE001  (reported below, with every other failure)
+                        failed[name] = f"{type(err).__name__}: {str(err).strip()[-1500:]}"
+                        say(f"[{names.index(name) + 1}/{len(names)}] {name} FAILED (see {out / 'notebooks' / name}.ipynb)")
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        elif jobs > 1:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+    wall = time.perf_counter() - started
+    print(f"{len(timings)} of {len(names)} notebooks done in {wall:.0f} s wall ({jobs} at a time); "
+          f"executed copies in {out / 'notebooks'}")
+    if failed:
+        raise RuntimeError("notebooks failed:\n" + "\n".join(f"- {n}: {why}" for n, why in failed.items()))
+    return timings
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1 (notebooks run at once), not {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    """The command line; argument errors (unknown preset or notebook, bad --jobs) exit with one line, status 2,
+    before anything is created; failed notebooks exit with their list, status 1."""
+    parser = OneLineArgumentParser(prog="python -m soupkit.experiments.runner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="embedded", help="preset name (presets/<name>.yaml) or path")
+    parser.add_argument("--out", default="outputs", help="output folder")
+    parser.add_argument("--only", nargs="*", help="notebook names to run (default: the preset's `only`, else all "
+                        "but EXTRA)")
+    parser.add_argument("--update-committed", action="store_true",
+                        help="copy executed notebooks back into notebooks/ (refreshes committed outputs)")
+    parser.add_argument("--kernel", default="python3",
+                        help="Jupyter kernel the notebooks run on (default python3: this environment's ipykernel; "
+                        "`jupyter kernelspec list` shows the others)")
+    parser.add_argument("--jobs", type=_jobs, default=1, help="notebooks run at once when their inputs are ready")
+    parser.add_argument("--params", metavar="NOTEBOOK",
+                        help="print the preset's parameters for one notebook as YAML (for papermill -f) and exit")
+    parser.add_argument("--stages", action="store_true",
+                        help="print the notebooks, one line per group that may run at once, and exit")
+    args = parser.parse_args(argv)
+    if args.stages:
+        existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists() and n not in EXTRA]
+        for group in stages(existing):
+            print(" ".join(f"notebooks/{n}.ipynb" for n in group))
+        return []
+    try:
+        spec = load_preset(args.preset)
+        if args.params:
+            print(yaml.safe_dump(notebook_parameters(args.preset, args.params), sort_keys=False), end="")
+            return []
+        _select(spec, args.only)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    try:
+        return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel, args.jobs)
+    except RuntimeError as err:  # the notebooks that failed, each with its error: no traceback of the runner
+        parser.exit(1, f"{parser.prog}: {err}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

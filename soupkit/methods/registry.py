@@ -1,0 +1,235 @@
+"""Every soup method of the paper behind one registry: ``make_soup(name, model, pool, val_loader, **options)``."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from soupkit.methods.run_dir import forked_rng
+from soupkit.engine.heldout import check_heldout
+from soupkit.config import SoupConfig, config_for
+from soupkit.runtime.distributed import communicator
+from soupkit.engine.evaluation import accuracy, predict
+from soupkit.methods.learned import hyperplane_soup, learned_soup
+from soupkit.runtime.memory import MemoryCap, PeakMemory
+from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.methods.result import SoupResult
+
+__all__ = ["METHODS", "make_soup", "Method"]
+
+
+# ---- baselines --------------------------------------------------------------------------------------------
+def _accuracies(model: nn.Module, pool: CheckpointPool, loader: Iterable, cfg: SoupConfig) -> list[float]:
+    """Held-out accuracy of every model, read one at a time."""
+    accs = []
+    for i in tqdm(range(len(pool)), desc="held-out accuracy", disable=not cfg.progress):
+        state = pool.load(i, cfg.device, cfg.dtype)
+        accs.append(accuracy(*predict(model, state, loader, cfg.device)))
+        del state  # before the next load: one model resident
+    return accs
+
+
+def _one_hot(k: int, i: int) -> Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(i), k).float()
+
+
+def best_model(model, pool, loader, cfg) -> SoupResult:
+    """The model with the highest held-out accuracy; among equal accuracies the first (lowest index).
+
+    model-soups' best individual model is likewise the maximum held-out accuracy; the first-on-ties rule is
+    soupkit's. Greedy soup orders ties the other way (higher index first, as model-soups does), so on a tie for
+    the top the two start from different models.
+    """
+    accs = _accuracies(model, pool, loader, cfg)
+    i = max(range(len(accs)), key=lambda j: (accs[j], -j))
+    state = {k: v.clone() for k, v in pool.load(i, cfg.device, cfg.dtype).items()}
+    return SoupResult("best", state, _one_hot(len(pool), i),
+                      stats={"epochs": len(pool), "heldout_accuracies": accs, "chosen": [i]}, history=accs)
+
+
+def uniform_soup(model, pool, loader, cfg) -> SoupResult:
+    """The mean of all K models (streamed)."""
+    return SoupResult("uniform", pool.center(cfg.device, cfg.dtype), torch.full((len(pool),), 1 / len(pool)),
+                      stats={"epochs": 0})
+
+
+def greedy_soup(model, pool, loader, cfg) -> SoupResult:
+    """model-soups' greedy soup: in order of held-out accuracy, keep a model if the soup's accuracy improves.
+
+    The order is model-soups' (``main.py``: sort by held-out accuracy ascending, then reverse): highest accuracy
+    first and, among equal accuracies, the HIGHER index first. The first model starts the soup; each next one
+    is kept only if the running average's held-out accuracy strictly improves (``cfg.ties="reject"``, the
+    original; ``"accept"`` also keeps it on equality).
+    """
+    accs = _accuracies(model, pool, loader, cfg)
+    order = sorted(range(len(pool)), key=lambda j: (-accs[j], -j))
+    # running sum of the chosen models; a copy, as the pool may hand out the caller's own tensors
+    total = {k: v.clone() for k, v in pool.load(order[0], cfg.device, cfg.dtype).items()}
+    chosen, soup_acc, history = [order[0]], accs[order[0]], [accs[order[0]]]
+    for i in tqdm(order[1:], desc="greedy soup", disable=not cfg.progress):
+        state = pool.load(i, cfg.device, cfg.dtype)
+        n = len(chosen) + 1
+        candidate = {k: (v + state[k]) / n if v.is_floating_point() else v for k, v in total.items()}
+        acc = accuracy(*predict(model, candidate, loader, cfg.device))
+        history.append(acc)
+        if acc > soup_acc or (cfg.ties == "accept" and acc == soup_acc):
+            for k, v in total.items():
+                if v.is_floating_point():
+                    v.add_(state[k])
+            chosen.append(i)
+            soup_acc = acc
+        del state, candidate
+    soup = {k: v / len(chosen) if v.is_floating_point() else v for k, v in total.items()}
+    coefficients = torch.zeros(len(pool))
+    coefficients[chosen] = 1 / len(chosen)
+    return SoupResult("greedy", soup, coefficients, history=history,
+                      stats={"epochs": 2 * len(pool) - 1, "heldout_accuracies": accs, "chosen": chosen,
+                             "heldout_accuracy": soup_acc})
+
+
+def ensemble(model, pool, loader, cfg) -> SoupResult:
+    """Average of the K models' logits; no weights to construct (evaluate() reads the members)."""
+    return SoupResult("ensemble", None, torch.full((len(pool),), 1 / len(pool)), members=pool, stats={"epochs": 0})
+
+
+# ---- registry ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """A soup method: ``fn(model, pool, loader, cfg)``.
+
+    Attributes:
+        uses_data: reads the held-out loader (make_soup checks its first batch up front).
+        reads_all_first: its first step reads every model, which checks them for NaN/Inf before any long
+            computation; otherwise make_soup reads them once up front.
+        resumable: checkpoints to and resumes from ``run_dir``.
+    """
+
+    fn: Callable[..., SoupResult]
+    description: str
+    uses_data: bool = True
+    reads_all_first: bool = True
+    resumable: bool = False
+
+
+def _hyperplane(layerwise: bool, blockwise: bool, description: str, name: str | None = None) -> Method:
+    """An HL/MEHL method; ``name`` renames its result (a named option set of another method, see config.py)."""
+    def run(*a) -> SoupResult:
+        result = hyperplane_soup(*a, layerwise=layerwise, blockwise=blockwise)
+        if name is not None:
+            result.name = name
+        return result
+
+    return Method(run, description, resumable=True)
+
+
+METHODS: dict[str, Method] = {
+    "best": Method(best_model, "best individual model on the held-out set", reads_all_first=False),
+    "uniform": Method(uniform_soup, "uniform soup: mean of all K models", uses_data=False),
+    "greedy": Method(greedy_soup, "greedy soup (model-soups)", reads_all_first=False),
+    "learned": Method(lambda *a: learned_soup(*a, layerwise=False), "Learned-Soup: softmax, one weight per model"),
+    "learned+": Method(lambda *a: learned_soup(*a, layerwise=True), "Learned-Soup+: softmax per layer"),
+    "hl": _hyperplane(False, False, "HL-Soup: hyperplane, all K"),
+    "hl+": _hyperplane(True, False, "HL-Soup+: per layer"),
+    "mehl": _hyperplane(False, True, "MEHL-Soup: blocks of b"),
+    "mehl+": _hyperplane(True, True, "MEHL-Soup+: per layer"),
+    "mehl+released": _hyperplane(True, True, "MEHL-Soup+ as in the released code: per-layer normalised directions, "
+                                 "re-centred on the soup, gradient clipped at 1", name="mehl+released"),
+    "ensemble": Method(ensemble, "ensemble: average of the K models' logits", uses_data=False,
+                       reads_all_first=False),
+}
+
+
+def _preflight(model: nn.Module, pool: CheckpointPool, loader: Iterable, cfg: SoupConfig, method: Method) -> None:
+    """The checks that would otherwise fail late: held-out batches that the head cannot score, NaN/Inf weights."""
+    if method.uses_data:
+        state = pool.load(0, cfg.device, cfg.dtype)
+        check_heldout(model, state, loader, cfg.device)
+        if cfg.select_loader is not None:
+            check_heldout(model, state, cfg.select_loader, cfg.device, what="select_loader")
+        del state
+    if not method.reads_all_first:
+        pool.check_values(cfg.device, cfg.dtype)
+
+
+_WARM: set[str] = set()
+
+
+def _warm_up_optimizer(device) -> None:
+    """One AdamW step on a scalar, once per process and device, outside the measured block.
+
+    torch imports its compiler stack lazily at the first optimizer step (~2.5 s and ~70 MB of RSS on CPU):
+    a one-time cost of the process, not of the soup method, which would otherwise land in its time and memory.
+    """
+    if str(device) in _WARM:
+        return
+    p = torch.nn.Parameter(torch.zeros((), device=device))
+    opt = torch.optim.AdamW([p], lr=0.0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    _WARM.add(str(device))
+
+
+def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_loader: Iterable,
+              **options: Any) -> SoupResult:
+    """Run soup method ``name`` (one of ``METHODS``) and measure its time and peak memory.
+
+    Before any long computation it checks the pool (files, keys, shapes, dtypes, NaN/Inf), the held-out
+    loader (non-empty, labels within the head's C classes) and, for learned soups, that the models share a
+    basin (see ``docs/checks.md``). The checks done here are not counted in ``seconds_total``.
+
+    Args:
+        name: method name, e.g. ``"mehl+"``.
+        model: a module of the architecture (its weights are not used).
+        pool: a :class:`CheckpointPool` (or anything it accepts as sources).
+        val_loader: re-iterable ``(inputs, labels)`` batches of the held-out split.
+        **options: fields of :class:`soupkit.config.SoupConfig`. With ``parallel``, every rank of the process
+            group calls ``make_soup`` with the same arguments; all get the same result, rank 0 writes
+            ``run_dir``, and ``stats`` gains each rank's peak memory, time and resident models.
+
+    Raises:
+        CheckpointError, DataError, DivergenceError, ResumeError (all :class:`soupkit.errors.SoupkitError`);
+        ``memory.MemoryCapExceeded`` when ``memory_cap_mb`` is set and the method needs more.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown soup method {name!r}; choose from {list(METHODS)}")
+    cfg = config_for(name, **options)
+    method = METHODS[name]
+    if not isinstance(pool, CheckpointPool):
+        pool = CheckpointPool(pool)
+    pool.check_model(model)
+    if cfg.run_dir is not None and not method.resumable:
+        warnings.warn(f"run_dir is used by HL/MEHL only; {name!r} ignores it", stacklevel=2)
+    comm = communicator(cfg.parallel)
+    if comm is not None and not comm.is_main:
+        cfg = replace(cfg, progress=False)  # one progress bar per job
+    with forked_rng(cfg.device) as seed:
+        _preflight(model, pool, val_loader, cfg, method)
+        _warm_up_optimizer(cfg.device)
+        seed(cfg.seed)  # after the checks, so that they do not move the run's random stream
+        start = time.perf_counter()
+        pool.max_resident = pool.resident  # count the fine-tuned models this run holds at once
+        cap = MemoryCap(int(cfg.memory_cap_mb * 2**20), cfg.device) if cfg.memory_cap_mb else nullcontext()
+        with PeakMemory(cfg.device) as meter, cap:  # the cap measures what peak_memory_bytes reports
+            result = method.fn(model, pool, val_loader, cfg)
+        seconds = time.perf_counter() - start
+    epochs = result.stats.get("epochs", 0)
+    result.stats.update(seconds_total=seconds, seconds_per_epoch=seconds / epochs if epochs else None,
+                        peak_memory_bytes=meter.peak_bytes, memory_source=meter.source,
+                        device=str(cfg.device), num_models=len(pool), max_resident_models=pool.max_resident)
+    if comm is not None:  # the rank's own numbers above; every rank's here
+        per_rank = comm.gather((meter.peak_bytes, pool.max_resident, seconds))
+        result.stats.update(parallel=cfg.parallel, world_size=comm.world_size,
+                            peak_memory_bytes_per_rank=[p for p, _, _ in per_rank],
+                            max_resident_models_per_rank=[m for _, m, _ in per_rank],
+                            seconds_total_per_rank=[t for _, _, t in per_rank])
+    if cfg.run_dir is not None and method.resumable and (comm is None or comm.is_main):
+        result.save(Path(cfg.run_dir) / "result")
+    return result

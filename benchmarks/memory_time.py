@@ -306,7 +306,7 @@ def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, devi
     alternate (M P, P M, M P, ...) so that both see the same load on a shared machine; ``warmup`` pairs are
     dropped. ``step_ratio`` is the median over pairs of mehl/plain.
     """
-    from soupkit.config import config_for  # noqa: PLC0415
+    from soupkit.methods.registry import config_for  # noqa: PLC0415
     from soupkit.engine.batches import BatchStream
     from soupkit.engine.loop import optimise  # noqa: PLC0415
 

@@ -30,14 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig, config_for
+from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig
 from soupkit.errors import OneLineArgumentParser, SoupkitError
-from soupkit.methods.registry import METHODS, make_soup
+from soupkit.methods.registry import METHODS, config_for, make_soup
 from soupkit.pool.checkpoint_pool import CheckpointPool
 
 __all__ = ["main", "entry", "parse_option", "expand_pool"]
 
-_LEARNED = {"learned", "learned+", "hl", "hl+", "mehl", "mehl+", "mehl+released"}
 _NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
 _NOT_OPTIONS = {"select_loader": "--select-fraction", "device": "--device", "parallel": "--parallel",
                 "progress": "--no-progress", "seed": "--seed"}
@@ -223,7 +222,7 @@ def run(args: argparse.Namespace, options: dict[str, Any], device: str, rank: in
         model, pool, learn, select, test = _arch_inputs(args, pool_paths, rank, world)
     options = {"progress": not args.no_progress, "seed": args.seed, "device": device,
                "parallel": args.parallel if world > 1 else None, **options}
-    if select is not None and args.method in _LEARNED:
+    if select is not None and METHODS[args.method].learned:
         options["select_loader"] = select
     result = make_soup(args.method, model, pool, learn, **options)
     if rank != 0:

@@ -59,7 +59,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["SoupConfig", "DEFAULTS", "MAIN_TABLE_SETTINGS", "config_for", "Grouping"]
+__all__ = ["SoupConfig", "LEARNED_DEFAULTS", "HYPERPLANE_DEFAULTS", "RELEASED_DEFAULTS", "with_options",
+           "MAIN_TABLE_SETTINGS", "Grouping"]
 
 # which tensors share a coefficient in the "+" methods (soupkit.engine.layers.layer_map): None = each parameter
 # tensor, "module" = the parameters of one module, or a callable name -> group label
@@ -213,28 +214,23 @@ def _dtype(name: str, option: str) -> torch.dtype:
     return found
 
 
+# The published defaults, one option set per kind of method (soupkit.methods.registry gives each method its own):
 # model-soups' learned_bylayer.py: AdamW lr 0.05, wd 0, 5 epochs, constant lr (no warm-up), learned logit scale
-_LEARNED = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, schedule="constant", warmup=0.0, logit_scale=True)
+LEARNED_DEFAULTS = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, schedule="constant", warmup=0.0,
+                              logit_scale=True)
 # paper appendix B / released MEHL code: AdamW lr 0.01, wd 0, 5 epochs per block, cosine with 20 % warm-up
-_HYPERPLANE = SoupConfig(lr=0.01, weight_decay=0.0, epochs=5.0, schedule="cosine", warmup=0.2)
+HYPERPLANE_DEFAULTS = SoupConfig(lr=0.01, weight_decay=0.0, epochs=5.0, schedule="cosine", warmup=0.2)
 # the released MEHL-Soup+ code (MEHL_soup_layer.py); described in full in the module docstring
-_RELEASED = replace(_HYPERPLANE, normalize_directions=True, recenter=True, clip_grad_norm=1.0)
-
-DEFAULTS: dict[str, SoupConfig] = {
-    "best": SoupConfig(), "uniform": SoupConfig(), "greedy": SoupConfig(), "ensemble": SoupConfig(),
-    "learned": _LEARNED, "learned+": _LEARNED,
-    "hl": _HYPERPLANE, "hl+": _HYPERPLANE, "mehl": _HYPERPLANE, "mehl+": _HYPERPLANE,
-    "mehl+released": _RELEASED,
-}
+RELEASED_DEFAULTS = replace(HYPERPLANE_DEFAULTS, normalize_directions=True, recenter=True, clip_grad_norm=1.0)
 
 
-def config_for(name: str, **options: Any) -> SoupConfig:
-    """The defaults of method ``name`` with ``options`` applied; unknown options raise TypeError."""
+def with_options(defaults: SoupConfig, name: str, **options: Any) -> SoupConfig:
+    """``defaults`` (of method ``name``) with ``options`` applied; unknown options raise TypeError."""
     valid = {f.name for f in fields(SoupConfig)}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for make_soup({name!r}); valid: {sorted(valid)}")
-    return replace(DEFAULTS[name], **options)
+    return replace(defaults, **options)
 
 
 # Notebook 02's settings at the embedded scale (its parameters cell holds the same literals: papermill reads only

@@ -17,7 +17,7 @@ from matplotlib.colors import to_rgba  # noqa: E402
 
 from soupkit.experiments.ablations import plot_ablations  # noqa: E402
 from soupkit.experiments.coefficients import plot_coefficient_histograms, plot_layer_coefficients  # noqa: E402
-from soupkit.experiments.plots import (BROKEN_AXIS_GID, DID_NOT_FIT, FAMILY_COLOURS, device_title, method_colour,
+from soupkit.experiments.plots import (BROKEN_AXIS_GID, DID_NOT_FIT, device_title, family_colours, method_colour,
                                        method_family, plot_main_table, plot_zoo_accuracies)
 from soupkit.experiments.results import main_table, paper_table  # noqa: E402
 from soupkit.experiments.seeds import plot_seed_study, seed_summary  # noqa: E402
@@ -74,8 +74,9 @@ def _study(x: str, values: list) -> pd.DataFrame:
 def test_one_colour_per_family_from_the_palette():
     assert method_family("mehl+released") == method_family("mehl+") == method_family("mehl") == "mehl"
     assert method_family("learned+") == "learned"
-    assert method_colour("mehl+") == method_colour("mehl") == FAMILY_COLOURS["mehl"]
-    assert len(set(FAMILY_COLOURS.values())) == len(FAMILY_COLOURS)  # families tell apart
+    colours = family_colours()
+    assert method_colour("mehl+") == method_colour("mehl") == colours["mehl"]
+    assert len(set(colours.values())) == len(colours)  # families tell apart
 
 
 def test_main_table_figure_draws_from_zero_with_paper_legend_and_did_not_fit():

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from soupkit.experiments.run import read_correct
-from soupkit.experiments.results import DISPLAY, paper_table
+from soupkit.experiments.results import paper_table
+from soupkit.methods.registry import DISPLAY
 from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, paired_difference, seed_interval,
                                        seeds_needed, verdict)
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from soupkit.engine.layers import LayerMap
 from soupkit.pool.checkpoint_pool import CheckpointPool
-from soupkit.experiments.results import DISPLAY
+from soupkit.methods.registry import DISPLAY
 from soupkit.methods.result import SoupResult
 
 __all__ = ["load_results", "coefficients_from_params", "coefficient_table", "coefficient_summary", "combine",

@@ -1,8 +1,8 @@
 """Figures drawn from result files (never from in-memory state only), saved atomically as PNG.
 
-Every figure takes its method colours from one palette, :data:`FAMILY_COLOURS` (one colour per method family:
-a method and its "+" and "released" variants share it; :func:`method_style` tells the variants apart by marker
-and line style), has a legend placed outside the data, draws accuracy on an axis from 0 or on an axis marked
+Every figure takes its method colours from the method registry (``soupkit.methods.registry.METHODS``: one
+colour per method family, a method and its "+" and "released" variants share it; :func:`method_style` tells the
+variants apart by the registry's marker and line style), has a legend placed outside the data, draws accuracy on an axis from 0 or on an axis marked
 broken (:func:`mark_broken_axis`), and draws a run stopped by its memory cap as "did not fit (memory cap)".
 """
 from __future__ import annotations
@@ -18,62 +18,65 @@ from matplotlib.patches import Patch
 import numpy as np
 import pandas as pd
 
-from soupkit.experiments.results import DISPLAY
+from soupkit.methods.registry import DISPLAY, METHODS
 from soupkit.experiments.stats import wilson_interval
 
-__all__ = ["FAMILY_COLOURS", "FAMILY_NAMES", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
+__all__ = ["OTHER_COLOUR", "family_colours", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
            "method_style", "family_handles", "mark_broken_axis", "device_title", "save_figure", "plot_main_table",
            "plot_zoo_accuracies"]
 
-# One colour per method family, for every figure of the package (and benchmarks/memory_time.py).
-FAMILY_COLOURS: dict[str, str] = {
-    "best": "#4d4d4d", "uniform": "tab:olive", "ensemble": "tab:brown", "greedy": "tab:green",
-    "learned": "tab:blue", "hl": "tab:purple", "mehl": "tab:red",
-}
-FAMILY_NAMES: dict[str, str] = {
-    "best": "best individual model", "uniform": "Uniform-Soup", "ensemble": "Ensemble", "greedy": "Greedy-Soup",
-    "learned": "Learned-Soup(+)", "hl": "HL-Soup(+)", "mehl": "MEHL-Soup(+)",
-}
-OTHER_COLOUR = "tab:gray"
-_VARIANTS = ("learned", "hl", "mehl")  # families with plain and "+" variants
+OTHER_COLOUR = "tab:gray"  # a name that is not a registered method
 DID_NOT_FIT = "did not fit (memory cap)"
 DID_NOT_FIT_STYLE: dict[str, Any] = {"facecolor": "0.92", "edgecolor": "0.55", "hatch": "////", "lw": 0}
-_NO_CONSTRUCTION = ("best", "uniform", "ensemble")
 BROKEN_AXIS_GID = "axis-break"  # the gid of the mark that says an axis does not start at 0 (tests look for it)
 
 
+def family_colours() -> dict[str, str]:
+    """``{family: colour}`` of the registered methods, in legend order (one colour per family)."""
+    return {m.family: m.colour for m in sorted(METHODS.values(), key=lambda m: m.legend_row)}
+
+
 def method_family(method: str) -> str:
-    """``"mehl+released"`` -> ``"mehl"``, ``"learned+"`` -> ``"learned"``; unknown names are their own family."""
-    return str(method).removesuffix("released").rstrip("+")
+    """``"mehl+released"`` -> ``"mehl"``, ``"learned+"`` -> ``"learned"`` (the registry's); other names are their
+    own family."""
+    return METHODS[method].family if method in METHODS else str(method)
 
 
 def method_colour(method: str) -> str:
-    """The colour of ``method``'s family (:data:`FAMILY_COLOURS`)."""
-    return FAMILY_COLOURS.get(method_family(method), OTHER_COLOUR)
+    """The colour of ``method``'s family (the registry's; :data:`OTHER_COLOUR` for other names)."""
+    return METHODS[method].colour if method in METHODS else OTHER_COLOUR
 
 
 def method_style(method: str) -> dict[str, Any]:
     """Colour, marker and line style of ``method``: a family's plain / "+" / released variants share the colour
     and differ in marker (square / circle / diamond) and line (dashed / solid / dotted)."""
     method = str(method)
-    if method.endswith("released"):
-        marker, ls = "D", ":"
-    elif method.endswith("+"):
-        marker, ls = "o", "-"
-    elif method in _VARIANTS:
-        marker, ls = "s", "--"
-    else:
-        marker, ls = {"best": "^", "uniform": "v", "ensemble": "P"}.get(method, "o"), "-"
-    return {"color": method_colour(method), "marker": marker, "ls": ls}
+    if method not in METHODS:
+        return {"color": OTHER_COLOUR, "marker": "o", "ls": "-"}
+    m = METHODS[method]
+    return {"color": m.colour, "marker": m.marker, "ls": m.linestyle}
+
+
+def _variant_families() -> set[str]:
+    """Families with a plain (one λ per model) and a "+" variant: their legend entry shows the "+" marker."""
+    return {m.family for m in METHODS.values() if m.learned}
 
 
 def family_handles(methods: Iterable[str]) -> list[Line2D]:
-    """Legend entries, one per family present in ``methods`` (in palette order)."""
+    """Legend entries, one per family present in ``methods`` (in legend order)."""
     methods = [str(m) for m in methods]
     present = {method_family(m) for m in methods}
-    out = [Line2D([], [], color=c, marker=method_style(f + "+" if f in _VARIANTS else f)["marker"], ls="-", lw=2,
-                  label=FAMILY_NAMES[f]) for f, c in FAMILY_COLOURS.items() if f in present]
-    variants = [(any(m in _VARIANTS for m in methods), "s", "plain (one λ per model)"),
+    first = {}  # family -> its first method: the "+" one for a family with variants
+    for name, m in METHODS.items():
+        if m.family not in first or (m.family in _variant_families() and name.endswith("+")
+                                     and not first[m.family].endswith("+")):
+            first[m.family] = name
+    out = [Line2D([], [], color=METHODS[first[f]].colour, marker=METHODS[first[f]].marker, ls="-", lw=2,
+                  label=METHODS[first[f]].family_display) for f in family_colours() if f in present]
+    out += [Line2D([], [], color=method_colour(m), marker=method_style(m)["marker"], ls="-", lw=2, label=str(m))
+            for m in dict.fromkeys(methods) if m not in METHODS]
+    variants = [(any(m in METHODS and METHODS[m].learned and METHODS[m].marker == "s" for m in methods), "s",
+                 "plain (one λ per model)"),
                 (any(m.endswith("+") for m in methods), "o", "+ (one λ per layer)"),
                 (any(m.endswith("released") for m in methods), "D", "released code")]
     if sum(flag for flag, _, _ in variants) > 1:  # the markers tell a family's variants apart
@@ -294,7 +297,7 @@ def plot_main_table(table: pd.DataFrame, title: str, reference: str = "uniform",
             parts = []
             if bad:
                 parts.append("did not fit")
-            elif m in _NO_CONSTRUCTION:
+            elif m in METHODS and not METHODS[m].constructs:
                 parts.append("n/a (no construction)")
             elif pd.isna(v):
                 parts.append(n.split(" (")[0] if n else "no value")

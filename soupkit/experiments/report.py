@@ -57,7 +57,7 @@ def seeds_block(figures: Path, data: Path) -> str:
 
 
 def seed_comparisons_block(figures: Path, data: Path) -> str:
-    from soupkit.experiments.results import DISPLAY  # noqa: PLC0415
+    from soupkit.methods.registry import DISPLAY  # noqa: PLC0415
 
     t = pd.read_csv(figures / "seeds_comparisons.csv")
     rows = [[f"{DISPLAY.get(r['a'], r['a'])} − {DISPLAY.get(r['b'], r['b'])}", int(r["seeds"]),

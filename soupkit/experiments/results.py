@@ -22,20 +22,13 @@ import numpy as np
 import pandas as pd
 
 from soupkit.io import atomic_write_text
+from soupkit.methods.registry import DISPLAY, table_order
 from soupkit.experiments.stats import Interval, bootstrap_accuracy, wilson_interval
 
-__all__ = ["ORDER", "DISPLAY", "PAPER_DIR", "write_csv", "read_csv", "append_jsonl", "read_jsonl",
+__all__ = ["PAPER_DIR", "write_csv", "read_csv", "append_jsonl", "read_jsonl",
            "paper_table", "record_test_interval", "with_test_intervals", "with_wilson_intervals", "main_table",
            "ratio", "format_table"]
 
-ORDER = ["best", "uniform", "greedy", "learned", "hl", "mehl", "learned+", "hl+", "mehl+", "mehl+released",
-         "ensemble"]
-DISPLAY = {
-    "best": "Best individual model", "uniform": "Uniform-Soup", "greedy": "Greedy-Soup",
-    "learned": "Learned-Soup", "hl": "HL-Soup", "mehl": "MEHL-Soup",
-    "learned+": "Learned-Soup+", "hl+": "HL-Soup+", "mehl+": "MEHL-Soup+",
-    "mehl+released": "MEHL-Soup+ (released code)", "ensemble": "Ensemble",
-}
 PAPER_DIR = Path(__file__).resolve().parents[2] / "data" / "paper"
 _PAPER_NOTES = {"cpu": "memory in CPU RAM", ">256": "did not fit (> 256 GB)"}
 
@@ -161,7 +154,7 @@ def with_wilson_intervals(table: pd.DataFrame, n: int | None, column: str = "tes
 
 
 def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
-    rank = {m: i for i, m in enumerate(ORDER)}
+    rank = {m: i for i, m in enumerate(table_order())}
     return frame.sort_values("method", key=lambda s: s.map(lambda m: rank.get(m, len(rank)))).reset_index(drop=True)
 
 

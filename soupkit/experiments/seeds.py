@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from soupkit.experiments.run import predictions_path, read_correct, run_methods
 from soupkit.methods.registry import METHODS
 from soupkit.zoo.embedded_models import ResNetConfig, ViTConfig
-from soupkit.experiments.results import DISPLAY, write_csv
+from soupkit.experiments.results import write_csv
+from soupkit.methods.registry import DISPLAY
 from soupkit.experiments.stats import paired_difference, seed_interval, verdict
 from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.build import build_zoo, load_zoo

@@ -30,7 +30,8 @@ import pandas as pd
 from soupkit.experiments.run import RunSpec, run_method, run_methods, zoo_table
 from soupkit.experiments.plots import (device_title, legend_below, mark_broken_axis, method_colour, method_handles,
                                        method_style)
-from soupkit.experiments.results import DISPLAY, with_test_intervals, write_csv
+from soupkit.experiments.results import with_test_intervals, write_csv
+from soupkit.methods.registry import DISPLAY
 from soupkit.methods.result import SoupResult
 from soupkit.zoo.sources import open_zoo
 

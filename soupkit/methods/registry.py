@@ -1,11 +1,16 @@
-"""Every soup method of the paper behind one registry: ``make_soup(name, model, pool, val_loader, **options)``."""
-from __future__ import annotations
+"""Every soup method of the paper behind one registry: ``make_soup(name, model, pool, val_loader, **options)``.
 
-from contextlib import nullcontext
+A method is one :class:`Method` in :data:`METHODS`: its function, its defaults and how tables and figures show it
+(display name, family, colour, marker). ``register("mine", Method(...))`` adds one; the CLI, the notebooks'
+parameter checks, the tables and the plots read everything else from here.
+"""
+from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -15,7 +20,7 @@ from tqdm.auto import tqdm
 
 from soupkit.methods.run_dir import forked_rng
 from soupkit.engine.heldout import check_heldout
-from soupkit.config import SoupConfig, config_for
+from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, RELEASED_DEFAULTS, SoupConfig, with_options
 from soupkit.runtime.distributed import communicator
 from soupkit.engine.evaluation import accuracy, predict
 from soupkit.methods.learned import hyperplane_soup, learned_soup
@@ -23,7 +28,7 @@ from soupkit.runtime.memory import MemoryCap, PeakMemory
 from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.methods.result import SoupResult
 
-__all__ = ["METHODS", "make_soup", "Method"]
+__all__ = ["Method", "METHODS", "DEFAULTS", "DISPLAY", "register", "config_for", "table_order", "display_name", "make_soup"]
 
 
 # ---- baselines --------------------------------------------------------------------------------------------
@@ -103,9 +108,21 @@ def ensemble(model, pool, loader, cfg) -> SoupResult:
 # ---- registry ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
-    """A soup method: ``fn(model, pool, loader, cfg)``.
+    """A soup method: ``fn(model, pool, loader, cfg) -> SoupResult``, and what the rest of soupkit needs to know.
 
     Attributes:
+        description: one line for ``--help`` and the docs.
+        display: its name in tables and legends ("MEHL-Soup+").
+        family: methods of one family share a colour (``mehl``, ``mehl+`` and ``mehl+released``: "mehl").
+        family_display: the family's name in legends ("MEHL-Soup(+)").
+        colour: the family's colour in every figure (a matplotlib colour).
+        marker, linestyle: tell a family's variants apart (plain: square, dashed; "+": circle, solid).
+        learned: learns coefficients on the held-out set (a select split can stop it early).
+        defaults: its :class:`SoupConfig` (the published settings); ``make_soup``'s options replace fields.
+        table_row: its place in the tables (the paper's order; ties keep registration order).
+        legend_row: its family's place in figure legends.
+        constructs: builds a soup worth timing (the paper gives no construction time for best, uniform and
+            ensemble: figures write "n/a (no construction)" for them).
         uses_data: reads the held-out loader (make_soup checks its first batch up front).
         reads_all_first: its first step reads every model, which checks them for NaN/Inf before any long
             computation; otherwise make_soup reads them once up front.
@@ -114,12 +131,30 @@ class Method:
 
     fn: Callable[..., SoupResult]
     description: str
+    display: str
+    family: str
+    family_display: str
+    colour: str
+    marker: str = "o"
+    linestyle: str = "-"
+    learned: bool = False
+    defaults: SoupConfig = field(default_factory=SoupConfig)
+    table_row: int = 100
+    legend_row: int = 100
+    constructs: bool = True
     uses_data: bool = True
     reads_all_first: bool = True
     resumable: bool = False
 
 
-def _hyperplane(layerwise: bool, blockwise: bool, description: str, name: str | None = None) -> Method:
+def _learned(layerwise: bool, description: str, display: str, row: int) -> Method:
+    return Method(lambda *a: learned_soup(*a, layerwise=layerwise), description, display, "learned",
+                  "Learned-Soup(+)", "tab:blue", *(("o", "-") if layerwise else ("s", "--")), learned=True,
+                  defaults=LEARNED_DEFAULTS, table_row=row, legend_row=4)
+
+
+def _hyperplane(layerwise: bool, blockwise: bool, description: str, display: str, row: int,
+                name: str | None = None) -> Method:
     """An HL/MEHL method; ``name`` renames its result (a named option set of another method, see config.py)."""
     def run(*a) -> SoupResult:
         result = hyperplane_soup(*a, layerwise=layerwise, blockwise=blockwise)
@@ -127,24 +162,89 @@ def _hyperplane(layerwise: bool, blockwise: bool, description: str, name: str | 
             result.name = name
         return result
 
-    return Method(run, description, resumable=True)
+    family, family_display, colour, legend = ("mehl", "MEHL-Soup(+)", "tab:red", 6) if blockwise else \
+        ("hl", "HL-Soup(+)", "tab:purple", 5)
+    marker, ls = ("D", ":") if name else ("o", "-") if layerwise else ("s", "--")
+    return Method(run, description, display, family, family_display, colour, marker, ls, learned=True,
+                  defaults=RELEASED_DEFAULTS if name else HYPERPLANE_DEFAULTS, table_row=row, legend_row=legend,
+                  resumable=True)
 
 
+# the paper's methods, in the paper's table order (table_row): baselines, model-wise, layer-wise ("+"), ensemble
 METHODS: dict[str, Method] = {
-    "best": Method(best_model, "best individual model on the held-out set", reads_all_first=False),
-    "uniform": Method(uniform_soup, "uniform soup: mean of all K models", uses_data=False),
-    "greedy": Method(greedy_soup, "greedy soup (model-soups)", reads_all_first=False),
-    "learned": Method(lambda *a: learned_soup(*a, layerwise=False), "Learned-Soup: softmax, one weight per model"),
-    "learned+": Method(lambda *a: learned_soup(*a, layerwise=True), "Learned-Soup+: softmax per layer"),
-    "hl": _hyperplane(False, False, "HL-Soup: hyperplane, all K"),
-    "hl+": _hyperplane(True, False, "HL-Soup+: per layer"),
-    "mehl": _hyperplane(False, True, "MEHL-Soup: blocks of b"),
-    "mehl+": _hyperplane(True, True, "MEHL-Soup+: per layer"),
+    "best": Method(best_model, "best individual model on the held-out set", "Best individual model", "best",
+                   "best individual model", "#4d4d4d", "^", table_row=0, legend_row=0, constructs=False, reads_all_first=False),
+    "uniform": Method(uniform_soup, "uniform soup: mean of all K models", "Uniform-Soup", "uniform", "Uniform-Soup",
+                      "tab:olive", "v", table_row=1, legend_row=1, constructs=False, uses_data=False),
+    "greedy": Method(greedy_soup, "greedy soup (model-soups)", "Greedy-Soup", "greedy", "Greedy-Soup", "tab:green",
+                     table_row=2, legend_row=3, reads_all_first=False),
+    "learned": _learned(False, "Learned-Soup: softmax, one weight per model", "Learned-Soup", 3),
+    "learned+": _learned(True, "Learned-Soup+: softmax per layer", "Learned-Soup+", 6),
+    "hl": _hyperplane(False, False, "HL-Soup: hyperplane, all K", "HL-Soup", 4),
+    "hl+": _hyperplane(True, False, "HL-Soup+: per layer", "HL-Soup+", 7),
+    "mehl": _hyperplane(False, True, "MEHL-Soup: blocks of b", "MEHL-Soup", 5),
+    "mehl+": _hyperplane(True, True, "MEHL-Soup+: per layer", "MEHL-Soup+", 8),
     "mehl+released": _hyperplane(True, True, "MEHL-Soup+ as in the released code: per-layer normalised directions, "
-                                 "re-centred on the soup, gradient clipped at 1", name="mehl+released"),
-    "ensemble": Method(ensemble, "ensemble: average of the K models' logits", uses_data=False,
+                                 "re-centred on the soup, gradient clipped at 1", "MEHL-Soup+ (released code)", 9,
+                                 name="mehl+released"),
+    "ensemble": Method(ensemble, "ensemble: average of the K models' logits", "Ensemble", "ensemble", "Ensemble",
+                       "tab:brown", "P", table_row=10, legend_row=2, constructs=False, uses_data=False,
                        reads_all_first=False),
 }
+
+
+def register(name: str, method: Method, replace_existing: bool = False) -> Method:
+    """Add ``method`` to :data:`METHODS` under ``name``: ``make_soup``, the CLI, the notebooks' checks, the tables
+    and the plots then know it. An existing name is refused unless ``replace_existing``."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register({name!r}, ...) takes a soupkit Method, not {type(method).__name__}")
+    if name in METHODS and not replace_existing:
+        raise ValueError(f"a method {name!r} is registered already (replace_existing=True replaces it)")
+    METHODS[name] = method
+    return method
+
+
+class _Field(Mapping):
+    """``{name: METHODS[name].<field>}`` for every registered method, read from :data:`METHODS` when asked (so
+    a method registered later is in it)."""
+
+    def __init__(self, field_name: str) -> None:
+        self.field_name = field_name
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(METHODS[name], self.field_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METHODS)
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+DEFAULTS: Mapping[str, SoupConfig] = _Field("defaults")  # each method's SoupConfig
+DISPLAY: Mapping[str, str] = _Field("display")  # each method's name in tables and legends
+
+
+def config_for(name: str, **options: Any) -> SoupConfig:
+    """The defaults of method ``name`` with ``options`` applied; unknown options raise TypeError."""
+    if name not in METHODS:
+        raise ValueError(f"unknown soup method {name!r}; choose from {list(METHODS)}")
+    return with_options(METHODS[name].defaults, name, **options)
+
+
+def table_order(names: Iterable[str] | None = None) -> list[str]:
+    """``names`` (default: every method) in table order; names that are not methods go last, as given."""
+    names = list(METHODS if names is None else names)
+    rank = {m: (METHODS[m].table_row, i) for i, m in enumerate(METHODS)}
+    return sorted(names, key=lambda m: rank.get(m, (float("inf"), names.index(m))))
+
+
+def display_name(name: str) -> str:
+    """``name``'s display name ("mehl+" -> "MEHL-Soup+"); a name that is not a method is its own."""
+    return METHODS[name].display if name in METHODS else str(name)
 
 
 def _preflight(model: nn.Module, pool: CheckpointPool, loader: Iterable, cfg: SoupConfig, method: Method) -> None:
@@ -198,8 +298,6 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
         CheckpointError, DataError, DivergenceError, ResumeError (all :class:`soupkit.errors.SoupkitError`);
         ``memory.MemoryCapExceeded`` when ``memory_cap_mb`` is set and the method needs more.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown soup method {name!r}; choose from {list(METHODS)}")
     cfg = config_for(name, **options)
     method = METHODS[name]
     if not isinstance(pool, CheckpointPool):

@@ -175,12 +175,11 @@ def _init_distributed(args: argparse.Namespace) -> tuple[str, int, int]:
 
 
 def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
-    from soupkit.experiments.run import zoo_loaders  # noqa: PLC0415  (pandas, data files: only for zoo runs)
-    from soupkit.zoo.sources import open_zoo  # noqa: PLC0415
+    from soupkit.zoo.sources import open_zoo  # noqa: PLC0415  (data files: only for zoo runs)
 
     zoo = open_zoo(args.zoo)
     heldout = MAIN_TABLE_SETTINGS["heldout_size"] if args.heldout_size is None else (args.heldout_size or None)
-    loaders = zoo_loaders(zoo, heldout, args.batch_size, args.eval_batch_size or MAIN_TABLE_SETTINGS["eval_batch_size"],
+    loaders = zoo.loaders(heldout, args.batch_size, args.eval_batch_size or MAIN_TABLE_SETTINGS["eval_batch_size"],
                           args.select_fraction, args.seed)
     return zoo.make_model(), CheckpointPool(pool_paths or zoo.paths), loaders["learn"], loaders["select"], \
         loaders["test"]

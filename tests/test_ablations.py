@@ -13,8 +13,9 @@ import torch  # noqa: E402
 
 from soupkit import CheckpointPool  # noqa: E402
 from soupkit.experiments import ablations  # noqa: E402
+from soupkit.experiments.params import parse_list
 from soupkit.experiments.ablations import (Setting, ablation_grid, centred_gram, cosine_diagnostic, gram_matrices,
-                                           parse_values, plot_ablations, run_ablations)
+                                           plot_ablations, run_ablations)
 from soupkit.experiments.run import read_correct  # noqa: E402
 from soupkit.zoo.embedded_models import ViTConfig  # noqa: E402
 from soupkit.experiments.stats import bootstrap_accuracy  # noqa: E402
@@ -42,7 +43,7 @@ def test_grid_varies_one_field_of_the_baseline():
     assert len({s for _, _, s in grid}) == 5  # the baseline appears in all four studies
     with pytest.raises(ValueError, match="unknown ablation"):
         ablation_grid(base, {"lr": [1]})
-    assert parse_values(" 4, 8,", int) == [4, 8] and parse_values("") == []
+    assert parse_list(" 4, 8,", int) == [4, 8] and parse_list("") == []
 
 
 def test_runner_runs_each_setting_once_with_its_options(monkeypatch, tmp_path):

@@ -13,9 +13,10 @@ from soupkit.zoo.embedded_models import ViTConfig  # noqa: E402
 from soupkit.experiments.results import paper_table, read_csv  # noqa: E402
 from soupkit.experiments.run import read_correct  # noqa: E402
 from soupkit.methods.result import SoupResult  # noqa: E402
+from soupkit.experiments.params import parse_list  # noqa: E402
 from soupkit.experiments.stats import bootstrap_accuracy  # noqa: E402
 from soupkit.experiments.studies import (cost_to_reach, finetuning_cost_study, growing_zoo, heldout_size_study,
-                                         heldout_size_table, parse_list, plot_finetuning_cost, plot_heldout_size,
+                                         heldout_size_table, plot_finetuning_cost, plot_heldout_size,
                                          plot_top_models, remaining_after_top, scaled_counts, top_models_study,
                                          top_models_table)
 from soupkit.zoo.config import ZooConfig

@@ -31,7 +31,7 @@ from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.experiments.results import record_test_interval, write_csv
 from soupkit.zoo.sources import open_zoo
 
-__all__ = ["STUDIES", "Setting", "ablation_grid", "parse_values", "run_ablations", "gram_matrices",
+__all__ = ["STUDIES", "Setting", "ablation_grid", "run_ablations", "gram_matrices",
            "centred_gram", "cosine_matrix", "cosine_diagnostic", "plot_ablations"]
 
 STUDIES = {
@@ -69,15 +69,6 @@ class Setting:
         b = min(self.model_batch_size, num_models)
         return {"model_batch_size": b, "outer_iterations": self.outer_passes * math.ceil(num_models / b),
                 "epochs": float(self.epochs), "decentralize": self.decentralize}
-
-
-def parse_values(text: str, kind: type = float) -> list:
-    """``"4, 8,16"`` → ``[4, 8, 16]`` (notebook parameters are scalars); ``""`` → ``[]``.
-
-    >>> parse_values("4, 8,16", int)
-    [4, 8, 16]
-    """
-    return [kind(v) for v in str(text).split(",") if v.strip()]
 
 
 def ablation_grid(baseline: Setting, sweeps: Mapping[str, Sequence[Any]]) -> list[tuple[str, Any, Setting]]:

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from soupkit.zoo.embedded_data import make_loader
-from soupkit.methods.result import evaluate
 from soupkit.engine.evaluation import predict
-from soupkit.methods.result import SoupResult
 from soupkit.experiments.stats import bootstrap_accuracy, paired_difference
-
-if TYPE_CHECKING:  # pragma: no cover
-    from soupkit.zoo.build import Zoo
+from soupkit.methods.result import SoupResult, evaluate
+from soupkit.zoo.base import BaseZoo
 
 __all__ = ["batchnorm_layers", "reestimate_bn", "bn_comparison"]
 
@@ -60,11 +56,7 @@ def reestimate_bn(model: nn.Module, state: Mapping[str, Tensor], x: Tensor, batc
     return {k: new[k].detach().to("cpu").clone() for k in state}
 
 
-def _loader(x: Tensor, y: Tensor) -> Iterable:
-    return make_loader(x, y, 500, shuffle=False)
-
-
-def bn_comparison(zoo: "Zoo", results_dir: str | Path, methods: Sequence[str], n: int | None = 1000,
+def bn_comparison(zoo: BaseZoo, results_dir: str | Path, methods: Sequence[str], n: int | None = 1000,
                   split: str = "finetune", device: str | torch.device = "cpu") -> pd.DataFrame:
     """Test and held-out accuracy of each saved soup with its souped BatchNorm statistics and with statistics
     re-estimated on ``n`` images of ``split`` (a class-balanced prefix; ``finetune`` uses no held-out image).
@@ -83,11 +75,8 @@ def bn_comparison(zoo: "Zoo", results_dir: str | Path, methods: Sequence[str], n
     """
     model = zoo.make_model()
     x, _ = zoo.tensors(split, n)
-    if hasattr(zoo, "loaders"):  # a zoo made elsewhere: real data sets, read in batches
-        made = zoo.loaders()
-        loaders = {"test": made["test"], "held-out": made["heldout"]}
-    else:
-        loaders = {"test": _loader(*zoo.tensors("test")), "held-out": _loader(*zoo.tensors("heldout"))}
+    made = zoo.loaders()  # fixed order, 500 images per batch
+    loaders = {"test": made["test"], "held-out": made["heldout"]}
     rows = []
     for method in methods:
         folder = Path(results_dir) / method.replace("+", "_plus")

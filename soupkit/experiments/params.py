@@ -32,14 +32,14 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 from soupkit.errors import MissingInputError, ParameterError
 from soupkit.methods.registry import METHODS
 from soupkit.experiments.runner import NOTEBOOK_DIR
 
 __all__ = ["Needs", "check_notebook", "declared_parameters", "injected_names", "check_types", "check_unknown",
-           "check_methods", "parse_methods", "enter_notebook_folder", "check_inputs"]
+           "check_methods", "parse_list", "parse_methods", "enter_notebook_folder", "check_inputs"]
 
 _INJECTED_MARK = "# Parameters"  # the first line of the cell papermill injects (its python translator)
 _KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
@@ -164,11 +164,20 @@ def check_types(namespace: MutableMapping[str, Any], defaults: Mapping[str, Any]
                              f"like its default {default!r}; pass e.g. {fix}")
 
 
+def parse_list(text: Any, cast: Callable[[str], Any] = int) -> list[Any]:
+    """A comma-separated notebook parameter as a list (papermill parameters are scalars); empty parts dropped.
+
+    >>> parse_list("0, 22,42"), parse_list(" 0.5,", float), parse_list("")
+    ([0, 22, 42], [0.5], [])
+    """
+    return [cast(part.strip()) for part in str(text).split(",") if part.strip()]
+
+
 def parse_methods(value: str, allow_all: bool = False) -> list[str]:
     """Method names of a comma-separated parameter (``"all"``: every method, where ``allow_all``)."""
     if allow_all and value.strip() == "all":
         return list(METHODS)
-    return [m.strip() for m in value.split(",") if m.strip()]
+    return parse_list(value, str)
 
 
 def check_methods(name: str, value: Any, allow_all: bool = False) -> list[str]:

@@ -20,10 +20,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from soupkit.zoo.embedded_data import make_loader
 from soupkit.engine.evaluation import accuracy
 from soupkit.methods.result import soup_logits
 from soupkit.io import atomic_write_json, atomic_write_text
@@ -35,10 +33,10 @@ from soupkit.runtime.progress import ENV as PROGRESS_ENV, report
 from soupkit.methods.registry import METHODS, make_soup
 from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.zoo.sources import open_zoo
-from soupkit.zoo.build import Zoo
+from soupkit.zoo.base import BaseZoo
 
 __all__ = ["RunSpec", "main_table_options", "predictions_path", "write_predictions", "read_correct",
-           "soup_options", "zoo_loaders", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]
+           "soup_options", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]
 
 
 @dataclass(frozen=True)
@@ -102,41 +100,20 @@ def main_table_options(method: str, num_models: int | None = None, **overrides: 
     return soup_options(method, **settings)
 
 
-def zoo_loaders(zoo: Zoo, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
-    """Loaders of a zoo's data: ``learn`` (shuffled held-out part for coefficients), ``select`` (held-out part
-    for early stopping, or None), ``heldout`` and ``test`` (fixed order, for evaluation). A zoo made elsewhere
-    (``sources.ExternalZoo``) brings its own."""
-    if hasattr(zoo, "loaders"):
-        return zoo.loaders(heldout_size, batch_size, eval_batch_size, select_fraction, seed)
-    hx, hy = zoo.tensors("heldout", heldout_size)
-    tx, ty = zoo.tensors("test", None)
-    n_select = int(round(select_fraction * len(hy)))
-    learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
-    return {
-        "learn": make_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
-        "select": make_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
-        if n_select else None,
-        "heldout": make_loader(hx, hy, eval_batch_size, shuffle=False),
-        "test": make_loader(tx, ty, eval_batch_size, shuffle=False),
-    }
-
-
-def zoo_table(zoo: Zoo) -> pd.DataFrame:
+def zoo_table(zoo: BaseZoo) -> pd.DataFrame:
     """One row per fine-tune: index, hyper-parameters, held-out/test accuracy (fractions), fine-tune seconds."""
     rows = [{"index": r["index"], **(r.get("hparams") or {}), "heldout_acc": r["heldout_acc"],
              "test_acc": r["test_acc"], "finetune_seconds": r.get("finetune_seconds")} for r in zoo.records]
     return pd.DataFrame(rows)
 
 
-def zoo_regime(zoo: Any, uniform_test_accuracy: float) -> pd.Series:
+def zoo_regime(zoo: BaseZoo, uniform_test_accuracy: float) -> pd.Series:
     """Test accuracy (%) of the zoo's landmarks: linear probe (embedded zoos), worst / mean / best individual,
     the "best" baseline (best by held-out accuracy) and the uniform soup -- is the zoo in the paper's regime?"""
     models = zoo_table(zoo)
     rows = {}
-    info = getattr(zoo, "info", None)
-    if info:
-        rows["linear probe (start of every fine-tune)"] = info["backbone"]["lp_test_acc"]
+    if zoo.linear_probe_accuracy is not None:
+        rows["linear probe (start of every fine-tune)"] = zoo.linear_probe_accuracy
     rows.update({
         "worst individual": models.test_acc.min(),
         "mean individual": models.test_acc.mean(),
@@ -191,11 +168,9 @@ def _run_method(spec: RunSpec, progress: bool) -> dict[str, Any]:
     indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
     pool = CheckpointPool([zoo.paths[i] for i in indices])
     model = zoo.make_model()
-    loaders = zoo_loaders(zoo, spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction,
-                          spec.seed)
+    loaders = zoo.loaders(spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction, spec.seed)
     options = {"progress": progress, "seed": spec.seed, "device": spec.device, **spec.options}
-    if loaders["select"] is not None and spec.method in {"learned", "learned+", "hl", "hl+", "mehl", "mehl+",
-                                                         "mehl+released"}:
+    if loaders["select"] is not None and METHODS[spec.method].learned:
         options["select_loader"] = loaders["select"]
     base = {k: v for k, v in asdict(spec).items() if k not in ("record", "save_dir")}
     if spec.memory_cap_mb:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
@@ -36,17 +36,12 @@ from soupkit.methods.result import SoupResult
 from soupkit.zoo.sources import open_zoo
 
 __all__ = [
-    "PAPER_MODELS", "parse_list", "scaled_counts", "remaining_after_top", "individual_heldout_accuracies",
+    "PAPER_MODELS", "scaled_counts", "remaining_after_top", "individual_heldout_accuracies",
     "ranked_models", "top_models_study", "top_models_table", "growing_zoo", "finetuning_cost_study",
     "cost_to_reach", "heldout_size_study", "heldout_size_table", "plot_top_models", "plot_finetuning_cost", "plot_heldout_size",
 ]
 
 PAPER_MODELS = 72  # fine-tunes of the paper's ViT-B/32 zoo (model-soups' checkpoints)
-
-
-def parse_list(text: str, cast: Callable[[str], Any] = int) -> list[Any]:
-    """Comma-separated notebook parameter to a list: ``parse_list("0, 22,42") == [0, 22, 42]``."""
-    return [cast(part.strip()) for part in str(text).split(",") if part.strip()]
 
 
 # ---- Table 3: sensitivity to the top models -----------------------------------------------------------------

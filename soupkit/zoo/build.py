@@ -47,15 +47,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from soupkit.errors import ZooMismatchError
 from soupkit.io import atomic_write_text, sha256_file
 from soupkit.runtime.progress import report
 from soupkit.zoo import files
+from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_splits, load_task,
-                                       regenerate_splits, split_path, to_tensor)
+                                       make_loader, regenerate_splits, split_path, to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
 from soupkit.zoo.recipe import PRETRAIN_FIELDS, load_train_data, pretrain_and_probe
 from soupkit.zoo.recipe import accuracy as _accuracy
@@ -95,7 +97,7 @@ def sample_hparams(config: ZooConfig, index: int) -> FinetuneHParams:
 
 
 @dataclass(frozen=True)
-class Zoo:
+class Zoo(BaseZoo):
     """A built zoo: ``paths[i]`` is fine-tune i's checkpoint, ``records[i]`` its models.jsonl line."""
 
     out_dir: Path
@@ -124,6 +126,31 @@ class Zoo:
                 "parameters": sum(p.numel() for p in self.make_model().parameters()), "k": len(self.records),
                 "lp_test_acc": self.info["backbone"]["lp_test_acc"], "finetune_test_min": float(test.min()),
                 "finetune_test_mean": float(test.mean()), "finetune_test_max": float(test.max())}
+
+    @property
+    def linear_probe_accuracy(self) -> float:
+        return self.info["backbone"]["lp_test_acc"]
+
+    def describe(self) -> str:
+        arch = "ResNet" if getattr(self.config.model, "arch", "vit") == "resnet" else "ViT"
+        task = self.config.task.replace("animal_mnist", "Animal-MNIST").replace("_", " ")
+        return f"embedded zoo: {len(self.records)} {arch} fine-tunes on {task}"
+
+    def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
+                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+        """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a class-balanced prefix of the held-out split, the
+        last ``select_fraction`` of it is the select part."""
+        hx, hy = self.tensors("heldout", heldout_size)
+        tx, ty = self.tensors("test", None)
+        n_select = int(round(select_fraction * len(hy)))
+        learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
+        return {
+            "learn": make_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
+            "select": make_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
+            if n_select else None,
+            "heldout": make_loader(hx, hy, eval_batch_size, shuffle=False),
+            "test": make_loader(tx, ty, eval_batch_size, shuffle=False),
+        }
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """State dict of fine-tune ``index`` (CPU tensors)."""

@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from soupkit.io import atomic_write_json, atomic_write_text
+from soupkit.zoo.base import BaseZoo
 
-__all__ = ["SOURCES", "SourceSpec", "ExternalZoo", "prepare_zoo", "open_zoo", "describe_zoo"]
+__all__ = ["SOURCES", "SourceSpec", "ExternalZoo", "prepare_zoo", "open_zoo"]
 
 SOURCES = ("embedded", "model-soups", "sweep")
 SOURCE_FILE = "source.json"
@@ -105,7 +106,7 @@ def _data(spec: SourceSpec, keep_text: bool) -> Any:
 
 
 @dataclass(frozen=True)
-class ExternalZoo:
+class ExternalZoo(BaseZoo):
     """A zoo of ``SourceSpec`` with its per-model records (``heldout_acc``, ``test_acc``, ``finetune_seconds``)."""
 
     out_dir: Path
@@ -139,9 +140,12 @@ class ExternalZoo:
         items = [dataset[int(i)] for i in order]
         return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
+    def describe(self) -> str:
+        return f"{self.spec.kind} zoo: {len(self.records)} {self.spec.arch} fine-tunes on {self.spec.dataset}"
+
     def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
-        """Same keys as ``experiment.zoo_loaders``; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
+        """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
         from soupkit.zoo.realdata import make_loader  # noqa: PLC0415
 
         data = _data(self.spec, self._keeps_text)
@@ -235,7 +239,7 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
     return _register(out, spec, device, eval_batch_size, progress)
 
 
-def open_zoo(out_dir: str | os.PathLike) -> Any:
+def open_zoo(out_dir: str | os.PathLike) -> BaseZoo:
     """The zoo in ``out_dir``: an embedded ``soupkit.zoo.Zoo`` or an :class:`ExternalZoo`."""
     out = Path(out_dir)
     spec = _read(out / SOURCE_FILE)
@@ -251,12 +255,3 @@ def open_zoo(out_dir: str | os.PathLike) -> Any:
     return ExternalZoo(out, spec, tuple(records[i] for i in range(spec.num_models)))
 
 
-def describe_zoo(zoo: Any) -> str:
-    """A figure-title phrase naming the zoo and its scale, e.g. "embedded zoo: 32 ViT fine-tunes on Animal-MNIST"."""
-    k = len(zoo.records)
-    if isinstance(zoo, ExternalZoo):
-        return f"{zoo.spec.kind} zoo: {k} {zoo.spec.arch} fine-tunes on {zoo.spec.dataset}"
-    config = zoo.config
-    arch = getattr(config.model, "arch", "vit")
-    task = getattr(config, "task", "animal_mnist").replace("animal_mnist", "Animal-MNIST").replace("_", " ")
-    return f"embedded zoo: {k} {'ResNet' if arch == 'resnet' else 'ViT'} fine-tunes on {task}"

@@ -107,7 +107,8 @@ class SoupConfig:
             False = the paper's Algorithm 1, True for ``"mehl+released"``).
         recenter: use the current soup as the centre of each new block (released code's variant; the first
             block is centred on its own mean; default False = centre θ̄ of all K, True for
-            ``"mehl+released"``).
+            ``"mehl+released"``); needs ``decentralize``. (``soupkit.methods.hyperplane.centre_policy`` turns
+            these two options and ``normalize_directions`` into the outer loop's policy object.)
         prefetch: read the next block of models on a background thread while the current one trains (on CUDA
             staged in pinned host memory and copied in one non-blocking transfer).
         direction_dtype: dtype the HL/MEHL directions are stored in (None: ``dtype``); ``torch.bfloat16`` or
@@ -195,6 +196,9 @@ class SoupConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.parallel not in (None, "data", "model"):
             raise ValueError(f"parallel must be 'data', 'model' or None, got {self.parallel!r}")
+        if self.recenter and not self.decentralize:
+            raise ValueError("recenter=True takes the directions θ_i − soup (decentralised); it cannot be combined "
+                             "with decentralize=False")
 
 
     @property

@@ -299,3 +299,20 @@ def test_mehl_released_equals_mehl_plus_with_the_released_options(bn_setup):
     assert all(torch.equal(released.state_dict[k], options.state_dict[k]) for k in options.state_dict)
     plain = make_soup("mehl+", base, states, loader, model_batch_size=2, **FAST)
     assert not torch.equal(released.coefficients, plain.coefficients)  # the options do change the run
+
+
+def test_the_hyperplane_variants_are_one_policy_object_each():
+    """recenter / decentralize / normalize_directions pick the outer loop's policy; a combination that has no
+    meaning is refused when the options are made, before any work."""
+    from soupkit.methods.hyperplane import FixedCentre, RecentredSoup, centre_policy
+    from soupkit.methods.registry import config_for
+
+    assert centre_policy(config_for("mehl+")) == FixedCentre(decentralize=True, normalize_directions=False)
+    assert centre_policy(config_for("mehl+", decentralize=False)) == FixedCentre(decentralize=False)
+    assert centre_policy(config_for("mehl+released")) == RecentredSoup(normalize_directions=True)
+    weights = torch.full((4, 2), 0.25)
+    assert torch.equal(FixedCentre().reference(weights), weights)  # θ_i − θ̄ takes 1/K of every model
+    assert torch.equal(FixedCentre(decentralize=False).reference(weights), torch.zeros(4, 2))
+    assert torch.equal(RecentredSoup().initial_weights(4, 2, [[1, 3]])[:, 0], torch.tensor([0.0, 0.5, 0.0, 0.5]))
+    with pytest.raises(ValueError, match="recenter"):
+        config_for("mehl+", recenter=True, decentralize=False)

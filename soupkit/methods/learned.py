@@ -1,37 +1,30 @@
-"""The learned soups: Learned-Soup(+) over all K resident models, HL-Soup(+) and MEHL-Soup(+) block by block.
-
-Both run the one loop of ``learn.optimise``; with ``cfg.parallel`` they run on every rank of a process group
-(``distributed.py``): data parallel for all of them, model parallel (a block's models split over the ranks)
-for HL/MEHL.
+"""Learned-Soup(+) (Wortsman et al.): softmax coefficients over all K resident models, trained by the one loop of
+``soupkit.engine.loop.optimise`` (HL/MEHL, on the same loop: ``soupkit.methods.hyperplane``). With ``cfg.parallel``
+it runs data parallel on every rank of a process group (``soupkit.runtime.distributed``).
 """
 from __future__ import annotations
 
 import math
-import warnings
-from contextlib import nullcontext
-from typing import Iterable
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from soupkit.methods.run_dir import RunDir, RunState, describe_run
-from soupkit.pool.basin import check_shared_basin
 from soupkit.config import SoupConfig
-from soupkit.runtime.distributed import Communicator, communicator, on_main
-from soupkit.errors import DivergenceError
-from soupkit.engine.layers import LayerMap, layer_map
 from soupkit.engine.batches import BatchStream
-from soupkit.engine.loop import HyperplaneSpace, SimplexSpace, optimise
-from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.engine.layers import layer_map
+from soupkit.engine.loop import SimplexSpace, optimise
 from soupkit.methods.result import SoupResult
+from soupkit.pool.basin import check_shared_basin
+from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.runtime.distributed import communicator
 
-__all__ = ["learned_soup", "hyperplane_soup"]
+__all__ = ["learned_soup", "progress_bar", "check_basin_of"]
 
 StateDict = dict[str, Tensor]
 
 
-def _bar(cfg: SoupConfig, total: int, desc: str) -> tqdm:
+def progress_bar(cfg: SoupConfig, total: int, desc: str) -> tqdm:
+    """The learned soups' bar over their ``total`` inner steps (off unless ``cfg.progress``)."""
     return tqdm(total=total, desc=desc, disable=not cfg.progress)
 
 
@@ -46,10 +39,10 @@ def learned_soup(model, pool, loader, cfg, layerwise: bool) -> SoupResult:
     batches = BatchStream(loader, cfg.device, cfg.batch_size, comm.data_shard if comm is not None else None)
     steps = cfg.inner_iterations or math.ceil(cfg.epochs * batches.batches_per_epoch)
     models = [pool.load(i, cfg.device, cfg.dtype) for i in range(len(pool))]  # checks NaN/Inf of each
-    basin = _check_basin(pool, models, cfg)
+    basin = check_basin_of(pool, models, cfg)
     space = SimplexSpace(model, models, layers, cfg.logit_scale, cfg.clip_grad_norm, comm, autocast=cfg.autocast_dtype)
     history: list[float] = []
-    with _bar(cfg, steps, name) as bar:
+    with progress_bar(cfg, steps, name) as bar:
         w = optimise(space, space.w0, batches, steps, cfg, history, lambda loss: bar.update(1))
     coefficients = space.coefficients(w)
     params = {"logits": w} | ({"logit_scale": space.scale.detach()} if space.scale is not None else {})
@@ -59,199 +52,9 @@ def learned_soup(model, pool, loader, cfg, layerwise: bool) -> SoupResult:
                              "model_batch_size": len(pool), "basin_mean_cosine": basin})
 
 
-def _check_basin(pool: CheckpointPool, models: list[StateDict], cfg: SoupConfig) -> float | None:
+def check_basin_of(pool: CheckpointPool, models: list[StateDict], cfg: SoupConfig) -> float | None:
     """check_shared_basin with the centre of the resident ``models`` (no read); its mean cosine for the stats."""
     if not cfg.check_basin or len(models) < 2:
         return None
     centre = {k: sum(m[k] for m in models) / len(models) for k, v in models[0].items() if v.is_floating_point()}
     return check_shared_basin(pool, centre).mean_cosine
-
-
-def _block_schedule(k: int, b: int, outer: int, blockwise: bool, seed: int) -> list[list[int]]:
-    """Blocks of model indices: each pass over the K models is a seeded permutation cut into ceil(K/b) blocks."""
-    if not blockwise:
-        return [list(range(k)) for _ in range(outer)]
-    gen = torch.Generator().manual_seed(seed)
-    blocks: list[list[int]] = []
-    while len(blocks) < outer:
-        perm = torch.randperm(k, generator=gen).tolist()
-        blocks += [sorted(perm[j:j + b]) for j in range(0, k, b)]
-    return blocks[:outer]
-
-
-def hyperplane_soup(model, pool, loader, cfg, layerwise: bool, blockwise: bool) -> SoupResult:
-    """HL-Soup(+) (one block of all K models) and MEHL-Soup(+) (blocks of b models, block coordinate descent).
-
-    Resident: the centre θ̄, the soup and the b directions of the current block (b + 2 models; 2b + 2
-    with ``prefetch``; the directions at half size with a 16-bit ``direction_dtype``); on CUDA the centre
-    stays in host memory, where the directions are formed as they are read, so the GPU holds b + 1 models.
-    With ``parallel="model"`` a rank holds its b/N directions only. With ``cfg.run_dir``
-    the state is checkpointed after every block and resumed (in a process group rank 0 reads and writes
-    it and hands the state it resumes from to the other ranks).
-    """
-    name = ("mehl" if blockwise else "hl") + ("+" if layerwise else "")
-    k = len(pool)
-    b = k
-    if blockwise:
-        b = cfg.model_batch_size or math.ceil(k / 4)
-        if b > k:
-            warnings.warn(f"model_batch_size={b} > K={k}: using b = K", stacklevel=4)
-            b = k
-    outer = cfg.outer_iterations or (math.ceil(k / b) if blockwise else 1)
-    blocks = _block_schedule(k, b, outer, blockwise, cfg.seed)
-    layers = layer_map(model, layerwise, cfg.layer_grouping)
-    comm = communicator(cfg.parallel)
-    batches = BatchStream(loader, cfg.device, cfg.batch_size, comm.data_shard if comm is not None else None)
-    run = None
-    if cfg.run_dir is not None:  # locks the directory and refuses another run's state, before any reading
-        run = on_main(comm, lambda: RunDir(cfg.run_dir, describe_run(name, cfg, pool, layers, batches, blocks)))
-    with run if run is not None else nullcontext():
-        return _hyperplane_blocks(name, model, pool, cfg, layers, batches, blocks, b, run, comm)
-
-
-def _restore(run: RunDir | None, pool: CheckpointPool, batches: BatchStream, device: str | torch.device,
-             comm: Communicator | None) -> RunState | None:
-    """The state saved in ``run`` (None if none), with the RNG and the stream put back, on every rank."""
-    if comm is None or comm.world_size == 1:
-        return run.restore(pool, batches, device) if run is not None else None
-
-    def read() -> tuple | None:  # rank 0; the soup goes over the wire from the CPU
-        saved = run.restore(pool, batches, device) if run is not None else None
-        if saved is None:
-            return None
-        saved.soup = {key: v.cpu() for key, v in saved.soup.items()}
-        return saved, batches.state_dict(), torch.get_rng_state()
-
-    shared = on_main(comm, read, share=True)
-    if shared is None:
-        return None
-    saved, stream, rng = shared
-    if not comm.is_main:
-        batches.load_state_dict(stream)
-        torch.set_rng_state(rng)
-    saved.soup = {key: v.to(device) for key, v in saved.soup.items()}
-    return saved
-
-
-def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: SoupConfig, layers: LayerMap,
-                       batches: BatchStream, blocks: list[list[int]], b: int, run: RunDir | None,
-                       comm: Communicator | None) -> SoupResult:
-    """The outer loop of :func:`hyperplane_soup`, from the saved state in ``run`` if there is one."""
-    k, n_layers, layerwise = len(pool), len(layers), name.endswith("+")
-    split = comm is not None and comm.mode == "model"  # this rank holds rows comm.rows(b) of each block
-    steps = cfg.inner_iterations or math.ceil(cfg.epochs * batches.batches_per_epoch)
-    keys = list(layers.mixed)
-
-    # one streamed pass before any training: the centre, and (in the pool) the NaN/Inf check and the norms of
-    # every model, which the basin check and the resume check reuse
-    full = pool.center(cfg.device, cfg.dtype) if cfg.check_basin or not cfg.recenter else None
-    pool.check_values(cfg.device, cfg.dtype)  # a no-op after that pass; recenter without it reads block 0 only
-    basin = check_shared_basin(pool, full).mean_cosine if cfg.check_basin else None
-    centre = full if not cfg.recenter else pool.center(cfg.device, cfg.dtype, indices=blocks[0])
-    del full
-
-    # weights[i, l] on θ_i of the soup; ref[i, l] of the centre the directions start from; var = learned α/β
-    if cfg.recenter:
-        weights = torch.zeros(k, n_layers)
-        weights[blocks[0]] = 1 / len(blocks[0])
-    else:
-        weights = torch.full((k, n_layers), 1 / k)
-    centre = {key: centre[key] for key in layers.forward_keys}  # aliases of tied tensors are re-added at the end
-    soup = {key: v.clone() for key, v in centre.items()} if cfg.decentralize and not cfg.recenter else centre
-    if soup is not centre and torch.device(cfg.device).type != "cpu":
-        centre = {key: v.cpu() for key, v in centre.items()}  # only load_stack reads it: host memory is cheaper
-    var = torch.zeros(k, n_layers) if cfg.decentralize else weights.clone()
-    history: list[float] = []
-    saved = _restore(run, pool, batches, cfg.device, comm) if cfg.run_dir is not None else None
-    first = 0 if saved is None else saved.blocks_done
-    if saved is not None:
-        weights, var, soup, history = saved.weights, saved.var, saved.soup, saved.history
-    pending = None
-    ddtype = cfg.direction_dtype or cfg.dtype
-    pinned = torch.device(cfg.device).type == "cuda"
-    with _bar(cfg, steps * len(blocks), name) as bar:
-        bar.update(steps * first)
-        for t in range(first, len(blocks)):
-            block = blocks[t]
-            # the directions: minus the fixed centre, or (recenter) minus the current soup, subtracted as they are
-            # read, except in a prefetched block, read before the soup reached its place
-            subtract = centre if cfg.decentralize and not cfg.recenter else None
-            fresh = pending is None
-            if fresh:
-                stack = pool.load_stack(_own(block, comm, split), cfg.device, ddtype,
-                                        subtract=soup if cfg.recenter else subtract, keys=keys)
-            else:
-                stack = pending.result()
-            if cfg.prefetch and t + 1 < len(blocks):
-                pending = pool.prefetch_stack(_own(blocks[t + 1], comm, split), device=cfg.device, dtype=ddtype,
-                                              subtract=subtract, keys=keys, pin_memory=pinned)
-            else:
-                pending = None
-            if cfg.recenter and not fresh:  # the current soup is the centre (it moved since the prefetch)
-                for key in keys:
-                    stack[key].sub_(soup[key])
-            scale = _inverse_norms(stack, soup, layers, len(block), comm if split else None) \
-                if cfg.normalize_directions else None
-            w0 = torch.zeros(len(block), n_layers) if cfg.recenter else var[block]
-            w0 = w0.to(cfg.device)
-            space = HyperplaneSpace(model, soup, stack, layers, w0, scale, cfg.clip_grad_norm, comm,
-                                    autocast=cfg.autocast_dtype)
-            bar.set_postfix(block=f"{t + 1}/{len(blocks)}", b=len(block))
-            try:
-                w = optimise(space, w0, batches, steps, cfg, history, lambda loss: bar.update(1))
-                soup = space.move_to(w)
-                _check_finite(soup, layers.trainable)
-            except DivergenceError as err:
-                kept = f"; {run.path} keeps the state after block {t}" if run is not None else ""
-                raise DivergenceError(f"outer iteration {t + 1}/{len(blocks)}: {err}{kept}") from None
-            step = ((w - w0) * space.scale).cpu()  # change of the weight on each θ_i of the block, [b, L]
-            ref = weights.clone() if cfg.recenter else (torch.full_like(weights, 1 / k) if cfg.decentralize
-                                                         else torch.zeros_like(weights))
-            weights -= ref * step.sum(dim=0, keepdim=True)
-            weights[block] += step
-            if not cfg.recenter:
-                var[block] = w.cpu()
-            del stack, space
-            if cfg.run_dir is not None:
-                on_main(comm, lambda: run.save(RunState(t + 1, weights, var, soup, history), pool, batches))
-    coefficients = weights if layerwise else weights[:, 0]
-    resumed = {"resumed_from_block": first} if cfg.run_dir is not None else {}
-    return SoupResult(name, layers.complete(soup), coefficients, list(layers.names) if layerwise else None,
-                      history=history, params={"alpha" if cfg.decentralize else "beta": var},
-                      stats={"epochs": batches.epochs, "inner_iterations": steps, "outer_iterations": len(blocks),
-                             "model_batch_size": b, "basin_mean_cosine": basin, **resumed})
-
-
-def _check_finite(soup: StateDict, keys: Iterable[str]) -> None:
-    """Parameters only: a buffer may hold legitimate infinities (a mask of -inf)."""
-    bad = [k for k in keys if not torch.isfinite(soup[k]).all()]
-    if bad:
-        raise DivergenceError(f"the soup holds NaN/Inf in {bad[0]!r}; lower lr or add clip_grad_norm")
-
-
-def _own(block: list[int], comm: Communicator | None, split: bool) -> list[int]:
-    """The models of ``block`` whose directions this rank holds."""
-    return block[comm.rows(len(block))] if split else block
-
-
-def _inverse_norms(stack: StateDict, soup: StateDict, layers, b: int, comm: Communicator | None = None) -> Tensor:
-    """``[b, L]``: 1 / ‖D_{i,l}‖ over the parameter tensors of each layer.
-
-    A direction shorter than 1e-6 of its layer's norm in the soup is rounding noise (e.g. a bias that no
-    fine-tune changed); dividing by it would blow the noise up, so its factor is 0: it stays fixed.
-    With a model-parallel ``comm`` the stack holds rows ``comm.rows(b)``; the others come from their ranks.
-    """
-    device = next(iter(stack.values())).device
-    rows = comm.rows(b) if comm is not None else slice(0, b)
-    sq = torch.zeros(b, len(layers), device=device)
-    ref = torch.zeros(len(layers), device=device)
-    for key in layers.trainable:
-        held = stack[key]
-        sq[rows, layers.group[key]] += held.reshape(len(held), math.prod(held.shape[1:])).float().pow(2).sum(dim=1)
-        ref[layers.group[key]] += soup[key].float().pow(2).sum()
-    if comm is not None:
-        comm.all_reduce_sum_([sq])  # rows of other ranks are 0 here
-    norms = sq.sqrt()
-    return torch.where(norms > 1e-6 * ref.sqrt() + 1e-12, 1 / norms, torch.zeros_like(norms))
-
-

@@ -23,7 +23,8 @@ from soupkit.engine.heldout import check_heldout
 from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, RELEASED_DEFAULTS, SoupConfig, with_options
 from soupkit.runtime.distributed import communicator
 from soupkit.engine.evaluation import accuracy, predict
-from soupkit.methods.learned import hyperplane_soup, learned_soup
+from soupkit.methods.hyperplane import hyperplane_soup
+from soupkit.methods.learned import learned_soup
 from soupkit.runtime.memory import MemoryCap, PeakMemory
 from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.methods.result import SoupResult

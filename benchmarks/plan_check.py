@@ -2,7 +2,7 @@
 """Predicted (``soupkit.experiments.plan``) against measured peak memory of every soup method, on the embedded zoo, on CPU.
 
 Every (method, K) runs ``make_soup`` in a FRESH interpreter, with the glibc setting of
-``benchmarks/memory_time.py`` (``MALLOC_ENV["live"]``: a fixed mmap threshold, so that the RSS follows the live
+``benchmarks/_bench_common.py`` (``MALLOC_ENV["live"]``: a fixed mmap threshold, so that the RSS follows the live
 tensors) and its thread count (1); the measured number is the core's own ``stats["peak_memory_bytes"]``
 (``soupkit.runtime.memory.PeakMemory``: peak RSS above the level at the start of ``make_soup``). ``ensemble`` builds
 nothing: its number is the peak of computing its held-out logits (``soup_logits``, also in a ``PeakMemory``).
@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import soupkit  # noqa: E402,F401  (first: pins the CPU numerics before torch loads)
 import torch  # noqa: E402
 
-from memory_time import MALLOC_ENV  # noqa: E402  (the measuring setting of the memory benchmark)
+from _bench_common import MALLOC_ENV  # noqa: E402  (the measuring setting of the memory benchmark)
 from soupkit.experiments import plan  # noqa: E402
 from soupkit.io import atomic_write_text  # noqa: E402
 

@@ -14,7 +14,7 @@ JOBS ?= 2
 # pip on some machines prints one warning per unreachable local index: hide only those lines
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup lab test reproduce update-committed clean
+.PHONY: setup lab test install-check reproduce update-committed clean
 
 $(STAMP): requirements.txt requirements-data.txt requirements-test.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,11 @@ lab: setup
 
 # nbval re-executes every notebook on a copy in a temporary folder (the committed notebooks, figures/ and
 # outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.experiments.drift compares
-# the rerun's tables with the committed figures/*.csv within the measured tolerances of data/tolerances.csv.
+# the rerun's tables with the committed figures/*.csv within the measured tolerances of soupkit/experiments/tolerances.csv.
 # Groups of notebooks (soupkit.experiments.runner --stages) run one after another, JOBS notebooks at once.
 test: setup
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) --no-print-directory install-check
 	$(BIN)/python -m soupkit.experiments.runner --stages > $(VENV)/nbval-stages
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; mkdir -p "$$tmp/notebooks"; \
 	cp notebooks/*.ipynb "$$tmp/notebooks/"; root=$$(pwd); \
@@ -54,6 +55,15 @@ test: setup
 	    "$$root/$(BIN)/python" -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval $$group < /dev/null ) || exit 1; \
 	done < $(VENV)/nbval-stages; \
 	$(BIN)/python -m soupkit.experiments.drift check figures "$$tmp/figures" --exclude "seeds_*" --exclude "claims.csv"
+
+# the library as users install it: `pip install .` (not editable, no extras: torch, safetensors, numpy, tqdm) into
+# a fresh venv, from a copy of the tracked files, then make_soup from a folder outside the checkout
+install-check:
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; mkdir "$$tmp/src"; \
+	git ls-files -z | { grep -zv -e '^notebooks/' -e '^figures/' || true; } | tar --null -cf - -T - | tar -xf - -C "$$tmp/src"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install -q -c constraints.txt "$$tmp/src" $(QUIET); \
+	cd "$$tmp" && "$$tmp/venv/bin/python" "$$tmp/src/tests/installed_check.py"
 
 # records and figures go to $(OUT) (never a tracked file); for the embedded default the run's tables are then
 # compared with the committed figures/ within the measured tolerances (a report: it does not fail the run)

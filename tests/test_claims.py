@@ -42,7 +42,7 @@ def test_table1_rows_from_predictions_and_seeds(tmp_path: Path) -> None:
     seeds.to_csv(tmp_path / "seeds" / "records.csv", index=False)
     table = claims_table(tmp_path, tmp_path / "figures", tmp_path / "seeds", pairs=[("mehl+", "learned+")])
     row = table.iloc[0]
-    assert row["paper"] == "+0.23"          # 81.62 - 81.39, from data/paper
+    assert row["paper"] == "+0.23"          # 81.62 - 81.39, from soupkit/experiments/paper
     est = float(row["ours, one run (95 % CI over test images)"].split(" ")[0])
     assert est == pytest.approx(10.0)
     # per-seed differences 1, 2, 3 points: mean 2, t interval 2 +- 4.302653 / sqrt(3) = [-0.48, 4.48]

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
@@ -142,7 +143,7 @@ def test_the_command_line_runs_notebook_02s_options():
     from soupkit.config import MAIN_TABLE_SETTINGS
     from soupkit.experiments.run import RunSpec, main_table_options, soup_options
 
-    nb = nbformat.read(runner.NOTEBOOK_DIR / "02_main_table.ipynb", as_version=4)
+    nb = nbformat.read(runner.find_notebooks(Path(__file__).parent) / "02_main_table.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     defaults = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(cell.source).body}
     for key, value in MAIN_TABLE_SETTINGS.items():

@@ -7,6 +7,7 @@ import re
 
 import nbformat
 import pytest
+from pathlib import Path
 
 import soupkit
 from soupkit.experiments import params, runner
@@ -14,7 +15,7 @@ from soupkit.runtime import progress
 from soupkit.errors import MissingInputError, ParameterError, SoupkitError
 from soupkit.experiments.params import Needs, check_inputs, check_methods, check_notebook, check_types, check_unknown
 
-NOTEBOOKS = sorted(runner.NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(runner.find_notebooks(Path(__file__).parent).glob("[0-9][0-9]_*.ipynb"))
 # calls that run soups or build zoos (and so write soupkit.runtime.progress lines to stderr, which nbval compares)
 RUNS = re.compile(r"\b(run_methods?|run_ablations|\w+_study|build_zoo|prepare_zoo|bn_comparison)\(")
 # cells that call them but only with a non-default parameter (nbval runs the defaults)
@@ -140,7 +141,7 @@ def test_every_notebook_checks_its_parameters_right_after_them(path):
 def test_the_defaults_pass_their_own_check(path, monkeypatch):
     monkeypatch.setattr(params, "check_inputs", lambda *a, **k: None)  # inputs: other tests (a clone has none)
     monkeypatch.setenv(progress.ENV, "0")
-    monkeypatch.chdir(runner.NOTEBOOK_DIR)
+    monkeypatch.chdir(runner.find_notebooks(Path(__file__).parent))
     code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
     namespace: dict = {}
     exec(code[0].source, namespace)  # noqa: S102  (the notebook's own parameters cell)

@@ -6,6 +6,7 @@ import json
 import nbformat
 import pandas as pd
 import pytest
+from pathlib import Path
 
 from soupkit.experiments import runner
 from soupkit.experiments.run import soup_options
@@ -29,7 +30,7 @@ def test_every_preset_parameter_is_declared_by_its_notebook(name):
     import papermill
 
     preset = runner.load_preset(name)
-    declared = {n: set(papermill.inspect_notebook(str(runner.NOTEBOOK_DIR / f"{n}.ipynb"))) for n in runner.NOTEBOOKS}
+    declared = {n: set(papermill.inspect_notebook(str(runner.find_notebooks(Path(__file__).parent) / f"{n}.ipynb"))) for n in runner.NOTEBOOKS}
     for notebook, params in preset["notebooks"].items():
         assert notebook in declared, f"{name}: unknown notebook {notebook}"
         assert set(params or {}) <= declared[notebook], (name, notebook, set(params) - declared[notebook])
@@ -47,7 +48,7 @@ def test_run_notebooks_passes_only_declared_parameters(tmp_path, monkeypatch):
     nbformat.write(nb, tmp_path / "nbs" / "01_zoo.ipynb")
     preset = tmp_path / "p.yaml"
     preset.write_text("common: {num_models: 3, unrelated: 1}\n")
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path / "nbs")
+    monkeypatch.chdir(tmp_path / "nbs")
     timings = runner.run_notebooks(str(preset), tmp_path / "run")
     assert [name for name, _ in timings] == ["01_zoo"]
     executed = nbformat.read(tmp_path / "run" / "notebooks" / "01_zoo.ipynb", as_version=4)
@@ -168,7 +169,7 @@ def test_parallel_runner_keeps_dependencies_and_isolates_failures(tmp_path, monk
     _notebook(nbs / "03_larger_model.ipynb", "raise ValueError('boom')")
     _notebook(nbs / "05_coefficients.ipynb", "print('ok')")
     (tmp_path / "p.yaml").write_text("common: {}\n")
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbs)
+    monkeypatch.chdir(nbs)
     with pytest.raises(RuntimeError, match="03_larger_model: PapermillExecutionError"):
         runner.run_notebooks(str(tmp_path / "p.yaml"), tmp_path / "run", jobs=2)
     log = capsys.readouterr().out
@@ -259,3 +260,18 @@ def test_kernel_stderr_reaches_the_console_line_by_line_with_the_notebook_name(c
     stream.write(", 1 s\n[soupkit] greedy")
     stream.close()
     assert capsys.readouterr().err == "  02_main_table: [soupkit] best: ok, 1 s\n  02_main_table: [soupkit] greedy\n"
+
+
+def test_the_notebooks_folder_is_found_from_the_working_folder_or_given(tmp_path, monkeypatch, capsys):
+    repo = runner.find_notebooks(Path(__file__).parent)
+    assert (repo / "01_zoo.ipynb").is_file() and (repo.parent / "presets" / "embedded.yaml").is_file()
+    assert runner.find_notebooks(repo / "..") == repo == runner.find_notebooks(repo)
+    monkeypatch.chdir(tmp_path)  # no notebooks in or above a temporary folder
+    with pytest.raises(FileNotFoundError, match="--notebooks"):
+        runner.find_notebooks()
+    with pytest.raises(SystemExit):
+        runner.main(["--stages"])
+    assert "no soupkit notebooks folder" in capsys.readouterr().err
+    runner.main(["--stages", "--notebooks", str(repo)])
+    assert "notebooks/01_zoo.ipynb" in capsys.readouterr().out
+    assert runner.load_preset("embedded", repo)["common"]["num_models"] == 32

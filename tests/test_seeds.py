@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from pathlib import Path
 from scipy.stats import t
 
 from soupkit.experiments import runner
@@ -220,7 +221,7 @@ def test_seeds_notebook_runs_only_when_named(tmp_path, monkeypatch, capsys):
         params.metadata["tags"] = ["parameters"]
         nb.cells = [params, nbformat.v4.new_code_cell("print('ran')")]
         nbformat.write(nb, nbs / f"{name}.ipynb")
-    monkeypatch.setattr(runner, "NOTEBOOK_DIR", nbs)
+    monkeypatch.chdir(nbs)
     (tmp_path / "default.yaml").write_text("common: {}\n")
     assert [n for n, _ in runner.run_notebooks(str(tmp_path / "default.yaml"), tmp_path / "a")] == ["01_zoo"]
     (tmp_path / "named.yaml").write_text("only: [10_seeds]\ncommon: {}\n")
@@ -240,14 +241,14 @@ def test_seeds_preset_parameters_are_declared():
 
     preset = runner.load_preset("seeds")
     assert preset["only"] == ["10_seeds"] and "seeds" in runner.COMMITTED_FIGURES
-    declared = set(papermill.inspect_notebook(str(runner.NOTEBOOK_DIR / "10_seeds.ipynb")))
+    declared = set(papermill.inspect_notebook(str(runner.find_notebooks(Path(__file__).parent) / "10_seeds.ipynb")))
     assert set(preset["notebooks"]["10_seeds"]) <= declared and set(preset["common"]) <= declared
     assert len(preset["notebooks"]["10_seeds"]["seeds"].split(",")) >= 3  # an interval over seeds needs S >= 3
     from soupkit import METHODS
 
     names = preset["notebooks"]["10_seeds"]["methods"].split(",")
     assert set(names) <= set(METHODS)
-    nb_default = papermill.inspect_notebook(str(runner.NOTEBOOK_DIR / "10_seeds.ipynb"))["methods"]["default"]
+    nb_default = papermill.inspect_notebook(str(runner.find_notebooks(Path(__file__).parent) / "10_seeds.ipynb"))["methods"]["default"]
     assert set(nb_default.strip('"').split(",")) <= set(METHODS)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from soupkit.experiments.run import read_correct
+from soupkit.experiments.runner import find_notebooks
 from soupkit.experiments.results import paper_table
 from soupkit.methods.registry import DISPLAY
 from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, paired_difference, seed_interval,
@@ -31,7 +32,6 @@ from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, pair
 __all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
            "power_line", "TABLE1_PAIRS"]
 
-BENCHMARK_CSV = Path(__file__).resolve().parents[2] / "data" / "results" / "benchmark_cpu.csv"  # committed
 POWER_TARGET = 0.75  # points: the half-width the MEHL-Soup+ - greedy interval over seeds should reach
 EQUIVALENCE_MARGIN = 0.5  # points: "does not vary much" (the paper's Fig. 2(a): < 0.1 % at ImageNet scale)
 # Table 1's orderings the paper states (A better than B)
@@ -312,6 +312,12 @@ def _coefficients(figures: Path) -> list[dict[str, Any]]:
              "basis": f"coefficients (05): {int(t.loc['mehl+', 'coefficients'])} per method, counted exactly"}]
 
 
+def committed_benchmark() -> Path:
+    """The repository's committed ViT-B/32 memory benchmark (``data/results/benchmark_cpu.csv`` beside the
+    notebooks folder, :func:`soupkit.experiments.runner.find_notebooks`)."""
+    return find_notebooks().parent / "data" / "results" / "benchmark_cpu.csv"
+
+
 def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
                  seeds_dir: str | os.PathLike | None = None, benchmark_csv: str | os.PathLike | None = None,
                  pairs: Sequence[tuple[str, str]] = TABLE1_PAIRS) -> pd.DataFrame:
@@ -327,7 +333,7 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     rows = _table1(out, seeds, pairs) + _released(out, seeds)
     # memory and time over seeds only from a study whose methods ran in fresh processes (honest peaks)
     isolated = seeds is not None and _isolated(seeds_path)
-    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv or BENCHMARK_CSV))
+    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv or committed_benchmark()))
     rows += _larger_model(out) + _top_models(out) + _coefficients(figures) + _finetuning_cost(out)
     rows += _ablations(out, figures) + _resnet(out)
     return pd.DataFrame(rows)

@@ -4,7 +4,7 @@ Another CPU (another instruction set, another BLAS, aarch64) builds another zoo,
 follow it. So a rerun is compared with the committed ``figures/*.csv`` column by column:
 
 * columns that do not depend on rounding (method names, settings, counts, the paper's numbers) must be equal;
-* accuracy columns may differ by at most their tolerance (points) from ``data/tolerances.csv``, which
+* accuracy columns may differ by at most their tolerance (points) from ``soupkit/experiments/tolerances.csv``, which
   :func:`derive_tolerances` computes from measured spreads (:data:`TOLERANCE_RULE`);
 * cost columns (seconds, memory) vary from run to run on one machine and are not compared;
 * numeric columns with no measured spread are listed as "not compared", never silently passed.
@@ -29,7 +29,7 @@ import pandas as pd
 __all__ = ["Drift", "describe_tables", "column_kind", "compare_tables", "compare_dirs", "load_tolerances", "derive_tolerances",
            "TOLERANCE_FILE", "TOLERANCE_RULE", "main"]
 
-TOLERANCE_FILE = Path(__file__).resolve().parents[2] / "data" / "tolerances.csv"
+TOLERANCE_FILE = Path(__file__).resolve().parent / "tolerances.csv"  # package data, written by `drift derive`
 TOLERANCE_RULE = ("tolerance of a kind = the larger of 4 x the standard deviation over seeds (pooled over "
                   "methods) and 2 x the largest difference seen between two float paths on this machine, "
                   "rounded up to 0.05 points")
@@ -135,7 +135,7 @@ def compare_tables(committed: pd.DataFrame, rerun: pd.DataFrame, tolerances: dic
 
 
 def load_tolerances(path: str | Path = TOLERANCE_FILE) -> dict[str, float]:
-    """kind -> tolerance from ``data/tolerances.csv`` (written by :func:`derive_tolerances`)."""
+    """kind -> tolerance from ``soupkit/experiments/tolerances.csv`` (written by :func:`derive_tolerances`)."""
     table = pd.read_csv(path)
     return dict(zip(table["kind"], table["tolerance"].astype(float)))
 
@@ -181,7 +181,7 @@ def _ceil(x: float, step: float = 0.05) -> float:
 
 def derive_tolerances(seeds_summary: str | Path | None, path_pairs: Sequence[tuple[str | Path, str | Path]] = (),
                       out: str | Path = TOLERANCE_FILE) -> pd.DataFrame:
-    """Write ``data/tolerances.csv`` from measured spreads (:data:`TOLERANCE_RULE`).
+    """Write ``soupkit/experiments/tolerances.csv`` from measured spreads (:data:`TOLERANCE_RULE`).
 
     Args:
         seeds_summary: ``seeds_summary.csv`` of the multi-seed study (columns ``method``,
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--tolerances", default=str(TOLERANCE_FILE))
     check.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                        help="committed tables not to compare (of notebooks the rerun did not run); repeatable")
-    derive = sub.add_parser("derive", help="write data/tolerances.csv from measured spreads")
+    derive = sub.add_parser("derive", help="write soupkit/experiments/tolerances.csv from measured spreads")
     derive.add_argument("--seeds", help="seeds_summary.csv of the multi-seed study")
     derive.add_argument("--path-a", action="append", default=[], help="tables of one float path (repeatable)")
     derive.add_argument("--path-b", action="append", default=[], help="the same tables of another float path")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 from soupkit.errors import MissingInputError, ParameterError
 from soupkit.methods.registry import METHODS
-from soupkit.experiments.runner import NOTEBOOK_DIR
+from soupkit.experiments.runner import find_notebooks
 
 __all__ = ["Needs", "check_notebook", "declared_parameters", "injected_names", "check_types", "check_unknown",
            "check_methods", "parse_list", "parse_methods", "enter_notebook_folder", "check_inputs"]
@@ -92,10 +92,13 @@ def _file_name(notebook: str) -> str:
 def _notebook_file(notebook: str) -> Path | None:
     """The notebook file: in the working folder (the copy being run) or else in the repository's notebooks/."""
     name = _file_name(notebook)
-    for path in (Path.cwd() / name, NOTEBOOK_DIR / name):
-        if path.is_file():
-            return path
-    return None
+    if (Path.cwd() / name).is_file():
+        return Path.cwd() / name
+    try:
+        path = find_notebooks() / name
+    except FileNotFoundError:
+        return None
+    return path if path.is_file() else None
 
 
 def declared_parameters(notebook: str | os.PathLike) -> dict[str, Any]:

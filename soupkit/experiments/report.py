@@ -1,7 +1,7 @@
 """The result tables of README.md and docs/*.md, generated from the committed result files (never typed in).
 
 The documents hold blocks between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; this module renders
-each from ``figures/*.csv`` and ``data/*``, and a test checks that every document's copy is the rendered one.
+each from ``figures/*.csv``, ``data/results/*`` and the drift tolerances, and a test checks that every document's copy is the rendered one.
 
     python -m soupkit.experiments.report --write     # refresh the generated blocks after `make update-committed`
     python -m soupkit.experiments.report --check     # exit 1 when a block differs from what the files give
@@ -16,9 +16,17 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from soupkit.experiments.drift import TOLERANCE_FILE
+from soupkit.experiments.runner import find_notebooks
+
 __all__ = ["BLOCKS", "DOCUMENTS", "render", "update_readme", "update_documents", "main"]
 
-ROOT = Path(__file__).resolve().parents[2]
+
+
+def repository() -> Path:
+    """The repository whose README.md and docs/ are rendered: the one of the notebooks folder in or above the
+    working folder (:func:`soupkit.experiments.runner.find_notebooks`)."""
+    return find_notebooks().parent
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -110,7 +118,7 @@ def numerics_block(figures: Path, data: Path) -> str:
 
 
 def tolerances_block(figures: Path, data: Path) -> str:
-    t = pd.read_csv(data / "tolerances.csv")
+    t = pd.read_csv(TOLERANCE_FILE)
     rows = [[r["kind"], _fmt(r["tolerance"]), _fmt(r["seed_sd_points"], 3), _fmt(r["float_path_max_points"], 3)]
             for _, r in t.iterrows()]
     return (_table(["kind of number", "tolerance (points)", "pooled sd over seeds (points)",
@@ -132,17 +140,21 @@ BLOCKS: dict[str, Callable[[Path, Path], str]] = {
 _BLOCK = re.compile(r"<!-- generated: (?P<name>[a-z_]+) -->\n(?P<body>.*?)\n?<!-- end: (?P=name) -->", re.S)
 
 
-def render(name: str, figures: Path = ROOT / "figures", data: Path = ROOT / "data") -> str:
-    """The markdown of block ``name`` from the result files (a line saying which file is missing, if one is)."""
+def render(name: str, figures: Path | None = None, data: Path | None = None) -> str:
+    """The markdown of block ``name`` from the result files (a line saying which file is missing, if one is);
+    ``figures`` and ``data`` default to the repository's ``figures/`` and ``data/``."""
+    figures = figures if figures is not None else repository() / "figures"
+    data = data if data is not None else repository() / "data"
     try:
         return BLOCKS[name](figures, data)
     except FileNotFoundError as err:
         return f"(not generated: {Path(err.filename).name} is missing; run the notebook that writes it)"
 
 
-def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[str]:
+def update_readme(path: Path | None = None, write: bool = True) -> list[str]:
     """Re-render every generated block of ``path``; returns the names of blocks that changed (written if
     ``write``)."""
+    path = path if path is not None else repository() / "README.md"
     text = path.read_text()
     changed = []
 
@@ -159,7 +171,8 @@ def update_readme(path: Path = ROOT / "README.md", write: bool = True) -> list[s
 
 
 def _documents() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    root = repository()
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 DOCUMENTS: Callable[[], list[Path]] = _documents
@@ -169,10 +182,11 @@ def update_documents(paths: Sequence[Path] | None = None, write: bool = True) ->
     """:func:`update_readme` on README.md and every docs/*.md; returns ``{file name: changed blocks}`` (those
     with a change only)."""
     out = {}
+    root = repository()
     for path in paths if paths is not None else DOCUMENTS():
         changed = update_readme(path, write=write)
         if changed:
-            out[str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)] = changed
+            out[str(path.relative_to(root)) if path.is_relative_to(root) else str(path)] = changed
     return out
 
 

@@ -29,7 +29,7 @@ __all__ = ["PAPER_DIR", "write_csv", "read_csv", "append_jsonl", "read_jsonl",
            "paper_table", "record_test_interval", "with_test_intervals", "with_wilson_intervals", "main_table",
            "ratio", "format_table"]
 
-PAPER_DIR = Path(__file__).resolve().parents[2] / "data" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper"  # package data: the paper's tables as CSV
 _PAPER_NOTES = {"cpu": "memory in CPU RAM", ">256": "did not fit (> 256 GB)"}
 
 
@@ -57,7 +57,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def paper_table(name: str, data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> pd.DataFrame:
-    """A table of the paper from ``data/paper/<name>.csv`` (e.g. ``"table1_vitb32_imagenet"``); ``dataset``
+    """A table of the paper from ``soupkit/experiments/paper/<name>.csv`` (e.g. ``"table1_vitb32_imagenet"``); ``dataset``
     keeps the rows of one data set of a table with a ``dataset`` column (``"table2_vitl14"``: cifar10,
     cifar100, imagenet)."""
     table = pd.read_csv(Path(data_dir or PAPER_DIR) / f"{name}.csv")

@@ -52,12 +52,9 @@ import yaml
 
 from soupkit.errors import OneLineArgumentParser
 
-__all__ = ["NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
+__all__ = ["find_notebooks", "NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
            "notebook_parameters", "pin_metadata", "run_notebooks", "main"]
 
-ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOK_DIR = ROOT / "notebooks"
-PRESET_DIR = ROOT / "presets"
 # dependency order: the zoo first, then everything that reads it
 NOTEBOOKS = [
     "01_zoo", "02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
@@ -82,6 +79,23 @@ COMMITTED_FIGURES: tuple[str, ...] = ("embedded", "seeds")
 KERNELSPEC: dict[str, str] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 
+def find_notebooks(start: str | os.PathLike | None = None) -> Path:
+    """The repository's ``notebooks/`` folder: ``start`` (default: the working folder) if it holds the notebooks,
+    else ``notebooks/`` in it or in the nearest folder above it that has one. Presets are in ``../presets`` of
+    it, the committed figures in ``../figures``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        for candidate in (folder, folder / "notebooks"):
+            if (candidate / f"{NOTEBOOKS[0]}.ipynb").is_file():
+                return candidate
+    raise FileNotFoundError(f"no soupkit notebooks folder in or above {here}: run from the repository (or pass "
+                            "--notebooks DIR)")
+
+
+def _folder(notebooks: str | os.PathLike | None) -> Path:
+    return Path(notebooks).resolve() if notebooks is not None else find_notebooks()
+
+
 def stages(names: Sequence[str] | None = None) -> list[list[str]]:
     """``names`` (default: every notebook) in groups; each group needs only the groups before it."""
     todo = list(names or NOTEBOOKS)
@@ -95,13 +109,15 @@ def stages(names: Sequence[str] | None = None) -> list[list[str]]:
     return groups
 
 
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """Read a preset by name (``presets/<name>.yaml``) or path."""
+def load_preset(name_or_path: str, notebooks: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read a preset by name (``presets/<name>.yaml`` beside ``notebooks``, default :func:`find_notebooks`) or
+    path."""
     path = Path(name_or_path)
+    presets = _folder(notebooks).parent / "presets" if not path.suffix else path.parent
     if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
+        path = presets / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in presets.glob("*.yaml"))
         raise FileNotFoundError(f"preset {name_or_path!r} not found (known presets: {known})")
     preset = yaml.safe_load(path.read_text()) or {}
     extra = sorted(set(preset) - {"description", "common", "notebooks", "only"})
@@ -119,13 +135,14 @@ def _declared_parameters(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
-def notebook_parameters(preset: str, name: str) -> dict[str, Any]:
+def notebook_parameters(preset: str, name: str, notebooks: str | os.PathLike | None = None) -> dict[str, Any]:
     """The parameters ``preset`` gives notebook ``name`` (its ``common`` and ``notebooks.<name>`` entries, only
     the names the notebook declares): what to hand to ``papermill -f`` to run that notebook alone."""
-    spec = load_preset(preset)
-    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    folder = _folder(notebooks)
+    spec = load_preset(preset, folder)
+    path = folder / f"{name}.ipynb"
     if not path.is_file():
-        available = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+        available = [n for n in NOTEBOOKS if (folder / f"{n}.ipynb").exists()]
         raise ValueError(f"unknown notebook {name!r}; available: {', '.join(available)}")
     declared = _declared_parameters(path)
     params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
@@ -183,9 +200,9 @@ class _Prefixed:
             self.write("\n")
 
 
-def _select(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
+def _select(spec: dict[str, Any], only: Sequence[str] | None, folder: Path) -> list[str]:
     """The notebooks to run; ValueError naming an unknown one (before anything is created)."""
-    names = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists()]
+    names = [n for n in NOTEBOOKS if (folder / f"{n}.ipynb").exists()]
     only = only or spec.get("only")
     if only:
         unknown = [n for n in only if n not in names]
@@ -198,7 +215,8 @@ def _select(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
 
 
 def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", only: Sequence[str] | None = None,
-                  update_committed: bool = False, kernel: str = "python3", jobs: int = 1) -> list[tuple[str, float]]:
+                  update_committed: bool = False, kernel: str = "python3", jobs: int = 1,
+                  notebooks: str | os.PathLike | None = None) -> list[tuple[str, float]]:
     """Execute the notebooks of ``preset`` in dependency order; returns ``[(name, seconds)]`` in finishing order.
 
     Args:
@@ -209,6 +227,8 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         update_committed: copy each executed notebook back over ``notebooks/<name>.ipynb`` (to refresh the
             committed outputs that nbval checks).
         jobs: notebooks run at once (each kernel then gets ``cpu_count // jobs`` torch threads).
+        notebooks: the repository's notebooks folder (default :func:`find_notebooks`); its ``../presets`` holds
+            the presets and ``../figures`` the committed figures.
     Raises:
         RuntimeError: naming every notebook that failed or was skipped because an input failed.
     """
@@ -216,11 +236,12 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    spec = load_preset(preset)
-    names = _select(spec, only)  # every argument checked before anything is created
+    folder = _folder(notebooks)
+    spec = load_preset(preset, folder)
+    names = _select(spec, only, folder)  # every argument checked before anything is created
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    figures = ROOT / "figures" if update_committed else out / "figures"
+    figures = folder.parent / "figures" if update_committed else out / "figures"
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if jobs > 1:  # kernels inherit the environment: keep jobs x threads within the machine's cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -231,12 +252,12 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
             print(line, flush=True)
 
     def execute(k: int, name: str) -> float:
-        source = NOTEBOOK_DIR / f"{name}.ipynb"
+        source = folder / f"{name}.ipynb"
         params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
         # a path relative to the notebooks folder, so executed notebooks never carry this machine's paths
-        params["out_dir"] = os.path.relpath(out, NOTEBOOK_DIR)
+        params["out_dir"] = os.path.relpath(out, folder)
         # figures/ holds the committed results (--update-committed); any other run draws under <out>
-        params["figures_dir"] = os.path.relpath(figures, NOTEBOOK_DIR)
+        params["figures_dir"] = os.path.relpath(figures, folder)
         declared = _declared_parameters(source)
         params = {key: value for key, value in params.items() if key in declared}
         target = out / "notebooks" / f"{name}.ipynb"
@@ -244,7 +265,7 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         start = time.perf_counter()
         stderr = _Prefixed(name, lock)
         try:
-            papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
+            papermill.execute_notebook(str(source), str(target), parameters=params, cwd=str(folder),
                                        kernel_name=kernel, progress_bar=False, stderr_file=stderr)
         finally:
             stderr.close()
@@ -310,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     before anything is created; failed notebooks exit with their list, status 1."""
     parser = OneLineArgumentParser(prog="python -m soupkit.experiments.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="embedded", help="preset name (presets/<name>.yaml) or path")
+    parser.add_argument("--notebooks", help="the repository's notebooks folder (default: notebooks/ in or above "
+                        "the working folder)")
     parser.add_argument("--out", default="outputs", help="output folder")
     parser.add_argument("--only", nargs="*", help="notebook names to run (default: the preset's `only`, else all "
                         "but EXTRA)")
@@ -324,21 +347,25 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     parser.add_argument("--stages", action="store_true",
                         help="print the notebooks, one line per group that may run at once, and exit")
     args = parser.parse_args(argv)
+    try:
+        folder = _folder(args.notebooks)
+    except FileNotFoundError as err:
+        parser.error(str(err))
     if args.stages:
-        existing = [n for n in NOTEBOOKS if (NOTEBOOK_DIR / f"{n}.ipynb").exists() and n not in EXTRA]
+        existing = [n for n in NOTEBOOKS if (folder / f"{n}.ipynb").exists() and n not in EXTRA]
         for group in stages(existing):
             print(" ".join(f"notebooks/{n}.ipynb" for n in group))
         return []
     try:
-        spec = load_preset(args.preset)
+        spec = load_preset(args.preset, folder)
         if args.params:
-            print(yaml.safe_dump(notebook_parameters(args.preset, args.params), sort_keys=False), end="")
+            print(yaml.safe_dump(notebook_parameters(args.preset, args.params, folder), sort_keys=False), end="")
             return []
-        _select(spec, args.only)
+        _select(spec, args.only, folder)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     try:
-        return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel, args.jobs)
+        return run_notebooks(args.preset, args.out, args.only, args.update_committed, args.kernel, args.jobs, folder)
     except RuntimeError as err:  # the notebooks that failed, each with its error: no traceback of the runner
         parser.exit(1, f"{parser.prog}: {err}\n")
 

@@ -9,7 +9,7 @@ Files in ``out_dir``:
 - ``models.jsonl``: one JSON line per fine-tune (index, file, sha256, hparams, heldout_acc, test_acc,
   finetune_seconds);
 - ``<split_name>_seed<s>.json``: only with ``ZooConfig.split_seed = s``, the zoo's own split file (same format
-  as the committed ``data/splits`` files, drawn with ``data.make_splits``).
+  as the committed ``soupkit/zoo/splits`` files, drawn with ``data.make_splits``).
 
 Resuming: a model counts as built only if its line in ``models.jsonl`` exists and the file's sha256
 matches it; anything else is retrained. Model i's hyper-parameters depend only on (search_seed, i),

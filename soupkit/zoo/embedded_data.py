@@ -1,7 +1,7 @@
 """Offline image data shipped inside PyPI wheels, fixed seeded splits, and torch loaders.
 
 Animal-MNIST (10 000 greyscale 28x28 images, 10 classes x 1 000) is the task every soup is built for.
-Its indices are divided once into the paper's four roles and saved under ``data/splits/`` so that
+Its indices are divided once into the paper's four roles and saved under ``soupkit/zoo/splits/`` so that
 experiments never drift apart:
 
 - ``pretrain``: only for pre-training the shared backbone (coarse labels), disjoint from the rest;
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 SPLIT_NAMES: tuple[str, ...] = ("pretrain", "finetune", "heldout", "test")
-DEFAULT_SPLITS_DIR = Path(__file__).resolve().parents[2] / "data" / "splits"
+DEFAULT_SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # package data (soupkit/zoo/splits/)
 DEFAULT_SPLIT_NAME = "animal_mnist_v3"
 # Pixel statistics of all 10 000 Animal-MNIST images (computed once, /255): mean 0.2728, std 0.4056.
 PIXEL_MEAN = 0.2728
@@ -183,7 +183,7 @@ def load_splits(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT
     """Read the committed split file and check it against the installed data (size and bytes)."""
     path = split_path(splits_dir, name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: it is committed under data/splits/ (regenerate_splits() remakes it)")
+        raise FileNotFoundError(f"{path} missing: it ships with soupkit under soupkit/zoo/splits/ (regenerate_splits() remakes it)")
     doc = json.loads(path.read_text())
     images, labels = load_animal_mnist()
     if doc["n_total"] != len(labels):

@@ -23,7 +23,7 @@ held-out accuracy strictly improves (``ties="reject"``). All learned soups use A
 original code, each also noted at its option:
 
 * ``batch_size``: learned_bylayer.py trains on batches of 256; soupkit keeps the held-out loader's batches
-  (None), and its notebooks, ``python -m soupkit`` and ``experiment.RunSpec`` build that loader with 128
+  (None), and its notebooks, ``python -m soupkit`` and ``soupkit.experiments.run.RunSpec`` build that loader with 128
   examples per batch (the released MEHL code's data batch) for every learned soup -- pass ``batch_size=256``
   (or a loader of 256) to train Learned-Soup(+) exactly as model-soups did.
 * ``learned`` (one weight per model): model-soups released only the layer-wise learned soup; the model-wise one
@@ -128,7 +128,7 @@ class SoupConfig:
             accuracy on it (checked every ``eval_every`` steps and at the end of each block) are kept.
         eval_every: steps between early-stopping checks.
         run_dir: HL/MEHL checkpoint their state here after every outer iteration and write the result at the end;
-            run again with the same arguments, they resume (see ``checkpointing.py``). None: no checkpoints.
+            run again with the same arguments, they resume (see ``soupkit/methods/run_dir.py``). None: no checkpoints.
         check_basin: learned soups warn (``SharedBasinWarning``) when the models do not look like fine-tunes
             of one pretrained model (``checks.check_shared_basin``; free after the centre pass).
         parallel: spread a learned soup over the ranks of the initialised ``torch.distributed`` process group
@@ -239,7 +239,7 @@ def with_options(defaults: SoupConfig, name: str, **options: Any) -> SoupConfig:
 
 # Notebook 02's settings at the embedded scale (its parameters cell holds the same literals: papermill reads only
 # literals there, and tests/test_cli.py keeps both equal). `python -m soupkit --zoo` defaults to them through
-# experiment.main_table_options, so one method on one zoo gives one soup in the notebook and on the command line.
+# soupkit.experiments.run.main_table_options, so one method on one zoo gives one soup in the notebook and on the command line.
 MAIN_TABLE_SETTINGS: dict[str, Any] = {
     "heldout_size": 2000, "select_fraction": 0.0, "batch_size": 128, "eval_batch_size": 500, "seed": 0,
     "model_batch_size": 8, "learned_lr": 0.05, "hyperplane_lr": 0.01, "weight_decay": 0.0, "epochs": 5.0,

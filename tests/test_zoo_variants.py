@@ -130,6 +130,14 @@ def test_bn_comparison_rows(resnet_zoo, tmp_path) -> None:
     table = bn_comparison(resnet_zoo, tmp_path, ["best", "uniform", "ensemble"], n=100)
     assert list(table["method"]) == ["best", "uniform"]  # the ensemble has no soup to re-estimate
     assert table.filter(like="(%)").apply(lambda c: c.between(0, 100)).all().all()
+    for method, row in table.set_index("method").iterrows():
+        record = json.loads((tmp_path / f"{method}.json").read_text())
+        # the souped column is the run's own soup on the same test images: the record's accuracy
+        assert row["test souped (%)"] == pytest.approx(100 * record["test_accuracy"], abs=1e-6), method
+        assert row["test change (points)"] == pytest.approx(row["test re-estimated (%)"] - row["test souped (%)"])
+        for name in ("test souped", "test re-estimated"):
+            assert row[f"{name} low (%)"] <= row[f"{name} (%)"] <= row[f"{name} high (%)"], (method, name)
+        assert row["test change low (points)"] <= row["test change (points)"] <= row["test change high (points)"]
 
 
 def test_make_soup_on_resnet_pool_handles_bn(resnet_zoo) -> None:

@@ -6,8 +6,8 @@
 The prediction is the quantity ``make_soup`` reports as ``stats["peak_memory_bytes"]`` (the CUDA allocator's
 peak, or the process's peak RSS on CPU, above the level at its start; for ``ensemble``, whose weights are
 only read when it is evaluated, the peak of computing its held-out logits). It is a sum of copies of the
-weights that the code holds at once, read from the implementations (``methods.py``, ``learned_soups.py``,
-``learn.py``, ``pool.py``), plus the activations of one forward/backward. Units: bytes throughout.
+weights that the code holds at once, read from the implementations (``methods/registry.py``, ``methods/learned.py``,
+``methods/hyperplane.py``, ``engine/loop.py``, ``pool/checkpoint_pool.py``), plus the activations of one forward/backward. Units: bytes throughout.
 
 * ``M``: one model's state dict in the compute ``dtype`` (the forward's keys; integer buffers as they are);
   ``D``: one direction row of HL/MEHL, the mixed (floating) tensors in ``direction_dtype``; ``T``: the largest
@@ -89,7 +89,7 @@ FORMULAS: dict[str, str] = {
     "mehl+": "max(2M + R, 2M + b·D + A + C0)",
     "mehl+released": "max(4M + R, M + b·D + b·T + A + C0)",
 }
-_CUDA_FORMULAS = {  # the centre is moved to host memory once the soup is cloned from it (learned_soups.py)
+_CUDA_FORMULAS = {  # the centre is moved to host memory once the soup is cloned from it (methods/hyperplane.py)
     "hl": "max(2M, M + K·D + A)", "hl+": "max(2M, M + K·D + A)",
     "mehl": "max(2M, M + b·D + A)", "mehl+": "max(2M, M + b·D + A)",
     "mehl+released": "max(3M, M + b·D + b·T + A)",

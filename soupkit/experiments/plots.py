@@ -330,7 +330,7 @@ def plot_main_table(table: pd.DataFrame, title: str, reference: str = "uniform",
 
 def plot_zoo_accuracies(models: pd.DataFrame, uniform_test_accuracy: float, title: str,
                         probe_test_accuracy: float | None = None, test_size: int | None = None) -> plt.Figure:
-    """Histogram of the fine-tunes' test accuracy (``experiment.zoo_table``, fractions) with the uniform soup
+    """Histogram of the fine-tunes' test accuracy (``soupkit.experiments.run.zoo_table``, fractions) with the uniform soup
     and, for embedded zoos, the linear probe every fine-tune started from.
 
     ``test_size`` (the number of test images, e.g. the uniform record's ``test_images``) adds the 95 % Wilson

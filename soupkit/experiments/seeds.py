@@ -8,7 +8,7 @@ Split seed 0 reproduces the committed split file image for image, so seed 0 is t
 Files under ``out_dir``::
 
     seed_<s>/zoo/               the zoo of seed s (soupkit.zoo; with its own split file)
-    seed_<s>/<method>.json      one record per method (experiment.run_method), beside <method>.predictions.csv
+    seed_<s>/<method>.json      one record per method (soupkit.experiments.run.run_method), beside <method>.predictions.csv
     records.csv                 one row per seed x method (seed, method, status, test_accuracy, heldout_accuracy,
                                 num_models, seconds_total, record: the JSON path relative to out_dir)
 
@@ -163,7 +163,7 @@ def seed_study(out_dir: str | os.PathLike, seeds: Sequence[int], methods: Sequen
         out_dir: study folder (``seed_<s>/zoo``, ``seed_<s>/<method>.json``, ``records.csv``).
         seeds: S seeds; each is the zoo's search, pre-training and split seed and the runs' ``RunSpec.seed``.
         methods: names of ``soupkit.METHODS``.
-        options: per-method ``make_soup`` options, ``{method: {...}}`` (``experiment.soup_options``).
+        options: per-method ``make_soup`` options, ``{method: {...}}`` (``soupkit.experiments.run.soup_options``).
         num_models: K, fine-tunes per zoo.
         heldout_size: held-out images the soups learn on (a class-balanced prefix; None = all).
         zoo_overrides: other ``ZooConfig`` fields for every seed's zoo (see :func:`seed_zoo_config`).
@@ -293,7 +293,7 @@ def seed_comparisons(records: pd.DataFrame, pairs: Sequence[tuple[str, str]], le
                      n_boot: int = 2000) -> pd.DataFrame:
     """For each pair (a, b): the paired test-accuracy difference a - b per seed, and over seeds.
 
-    Per seed, both methods' per-image correctness (``experiment.read_correct`` of their records, the same test
+    Per seed, both methods' per-image correctness (``soupkit.experiments.run.read_correct`` of their records, the same test
     images) gives the difference and its paired-bootstrap interval over images (``stats.paired_difference``,
     bootstrap seed 0). Over the S seeds where both finished: the mean difference with Student's t interval
     (``stats.seed_interval``) and the verdict on a claimed a > b (``stats.verdict``) drawn from that interval.

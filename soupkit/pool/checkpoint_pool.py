@@ -1,5 +1,5 @@
 """An ordered set of K fine-tuned checkpoints of one architecture, read lazily and validated up front
-(file formats: ``checkpoint_files.py``).
+(file formats: ``soupkit/pool/formats.py``).
 
 Checkpoints are files (``.safetensors``; ``.pt``/``.pth`` state dicts read with ``weights_only=True`` and
 memory-mapped where the file format allows) or in-memory state dicts. At most the models a caller asks for

@@ -1,6 +1,6 @@
 """Learned soups over the N ranks of a ``torch.distributed`` process group (``SoupConfig.parallel``).
 
-Every rank runs the same loop (``learn.optimise``) on the same coefficients; the spaces reduce what differs
+Every rank runs the same loop (``soupkit.engine.loop.optimise``) on the same coefficients; the spaces reduce what differs
 between ranks once per step, so all ranks take identical AdamW steps and end with identical coefficients.
 
 * ``parallel="data"`` (every learned soup): each global batch of the held-out stream is cut into N contiguous

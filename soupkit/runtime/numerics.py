@@ -13,7 +13,7 @@ variable                    pinned to     what it fixes
 ``ONEDNN_MAX_CPU_ISA``      ``SSE41``     oneDNN's convolution kernels (the patch embedding, the ResNets)
 ==========================  ============  ==================================================================
 
-plus one torch thread wherever a zoo is built (``zoo.build_zoo``): float sums depend on the thread count.
+plus one torch thread wherever a zoo is built (``soupkit.zoo.build.build_zoo``): float sums depend on the thread count.
 ``benchmarks/numerics.py`` shows the effect (each setting alone changes the bytes; with the pins, every setting
 this machine offers gives the same bytes) and what the pins cost in time. Not covered: other architectures
 (aarch64 has neither MKL nor these paths) and other torch versions; there the committed records are matched

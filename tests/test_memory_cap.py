@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -38,16 +39,27 @@ print("spared", int(x.sum()))
 """
 
 
-def test_cap_stops_a_block_that_grows_past_it_and_spares_one_below():
-    """In a fresh interpreter, for the reason of test_pool.test_peak_memory_sees_an_allocation: the kernel here
-    pages out a long-running process's cold memory, which hides growth of the resident set."""
-    lines = subprocess.run([sys.executable, "-c", _CAP_CHECK], capture_output=True, text=True,
-                           check=True).stdout.split("\n")
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_cap_stops_a_block_that_grows_past_it_and_spares_one_below(sigint):
+    """In a fresh interpreter (for the reason of test_pool.test_peak_memory_sees_an_allocation), and also as a
+    background job starts one: with SIGINT ignored, where the cap's interrupt would otherwise do nothing and the
+    block would run to its end."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
+    lines = subprocess.run([sys.executable, "-c", _CAP_CHECK + _HANDLER_CHECK], capture_output=True, text=True,
+                           check=True, preexec_fn=ignore).stdout.split("\n")
     what, seen, kept = lines[0].split()
     assert what == "stopped" and int(seen) > 40 * 2**20 and int(kept) < 100, lines
     assert lines[1] == f"spared {2**20}"
+    assert lines[2] == ("handler restored: " + ("SIG_IGN" if sigint == "ignored" else "default_int_handler"))
     with pytest.raises(ValueError):
         MemoryCap(0)
+
+
+_HANDLER_CHECK = """
+import signal
+h = signal.getsignal(signal.SIGINT)
+print("handler restored:", "SIG_IGN" if h is signal.SIG_IGN else getattr(h, "__name__", h))
+"""
 
 
 @pytest.fixture(scope="module")

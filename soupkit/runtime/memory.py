@@ -8,6 +8,7 @@ available (non-Linux), a sampling thread records the largest RSS it sees every f
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 from typing import Any
@@ -133,6 +134,7 @@ class MemoryCap:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._old_fraction: float | None = None
+        self._old_sigint: Any = None
 
     def __enter__(self) -> "MemoryCap":
         if self.device.type == "cuda":
@@ -144,6 +146,10 @@ class MemoryCap:
             return self
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("MemoryCap on CPU interrupts the main thread; use it there")
+        # interrupt_main() raises KeyboardInterrupt only where Python handles SIGINT: a process started in the
+        # background (nohup, `cmd &` in a script) inherits SIGINT ignored, and the cap would never stop the block
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            self._old_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._start = current_rss_bytes()
         _reset_high_water_mark()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -174,6 +180,10 @@ class MemoryCap:
             if self.exceeded_at is None:
                 raise
             exc_type = KeyboardInterrupt
+        finally:
+            if self._old_sigint is not None:
+                signal.signal(signal.SIGINT, self._old_sigint)
+                self._old_sigint = None
         if self._old_fraction is not None:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             torch.cuda.set_per_process_memory_fraction(self._old_fraction, index)

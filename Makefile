@@ -40,8 +40,8 @@ setup: $(STAMP) $(LAB_SETTINGS) $(KERNEL_CONFIG)
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=.
 
-# nbval re-executes every notebook on a copy in a temporary folder (the committed notebooks, figures/ and
-# outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.experiments.drift compares
+# nbval re-executes every notebook on a copy in a temporary folder, beside a copy of data/ (the committed benchmark
+# results notebook 11 reads; the committed notebooks, figures/ and outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.experiments.drift compares
 # the rerun's tables with the committed figures/*.csv within the measured tolerances of soupkit/experiments/tolerances.csv.
 # Groups of notebooks (soupkit.experiments.runner --stages) run one after another, JOBS notebooks at once.
 test: setup
@@ -49,7 +49,7 @@ test: setup
 	$(MAKE) --no-print-directory install-check
 	$(BIN)/python -m soupkit.experiments.runner --stages > $(VENV)/nbval-stages
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; mkdir -p "$$tmp/notebooks"; \
-	cp notebooks/*.ipynb "$$tmp/notebooks/"; root=$$(pwd); \
+	cp notebooks/*.ipynb "$$tmp/notebooks/"; cp -r data "$$tmp/"; root=$$(pwd); \
 	while read -r group; do \
 	  ( cd "$$tmp" && OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
 	    "$$root/$(BIN)/python" -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval $$group < /dev/null ) || exit 1; \

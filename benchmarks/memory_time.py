@@ -63,16 +63,12 @@ from typing import Any, Sequence
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the helper modules beside this script, also when it is loaded by path (tests)
     sys.path.append(str(HERE))
-try:
-    import soupkit  # noqa: F401  (before torch: it pins the CPU numerics)
-except ImportError:  # run from a checkout without an editable install
-    sys.path.insert(0, str(HERE.parent))
-    import soupkit  # noqa: F401
-
-import torch  # noqa: E402
-
+# first: _bench_common imports soupkit (from the checkout if it is not installed), which pins the CPU numerics
+# before torch loads
 from _bench_common import (MALLOC_ENV, METHODS, ROOT, _set_threads, build_model,  # noqa: E402
                            default_cap_bytes, environment, make_checkpoints, state_bytes)
+
+import torch  # noqa: E402
 from _bench_launcher import Launcher, _template  # noqa: E402
 from memory_time_analysis import analyse, print_report, read_rows, write_csv  # noqa: E402
 from memory_time_plot import plot, plot_from_csv  # noqa: E402

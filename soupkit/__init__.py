@@ -9,16 +9,15 @@ from soupkit.runtime.numerics import pin_cpu_numerics
 pin_cpu_numerics()  # before anything below imports torch (see soupkit/runtime/numerics.py)
 
 from soupkit.config import SoupConfig
-from soupkit.methods.result import evaluate
 from soupkit.engine.evaluation import predict
 from soupkit.engine.layers import LayerMap, layer_map
 from soupkit.errors import CheckpointError, DataError, DivergenceError, ResumeError, SharedBasinWarning, SoupkitError
-from soupkit.runtime.memory import PeakMemory
 from soupkit.methods.registry import DEFAULTS, METHODS, make_soup, register
-from soupkit.methods.result import SoupResult
-from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.methods.result import evaluate, SoupResult
 from soupkit.pool.basin import check_shared_basin
+from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.pool.formats import load_state_dict, save_state_dict
+from soupkit.runtime.memory import PeakMemory
 
 __version__ = "0.1.0"
 

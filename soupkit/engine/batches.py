@@ -12,8 +12,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from soupkit.runtime.distributed import shard_bounds, shard_loader
 from soupkit.errors import DataError
+from soupkit.runtime.distributed import shard_bounds, shard_loader
 
 __all__ = ["BatchStream"]
 

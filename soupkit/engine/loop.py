@@ -19,15 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from soupkit.engine import directions
-from soupkit.engine.heldout import check_labels
-from soupkit.engine.batches import BatchStream
 from soupkit.config import SoupConfig
-from soupkit.runtime.distributed import Communicator
-from soupkit.errors import DivergenceError
+from soupkit.engine import directions
+from soupkit.engine.batches import BatchStream
 from soupkit.engine.evaluation import accuracy, eval_mode, predict
+from soupkit.engine.heldout import check_labels
 from soupkit.engine.layers import LayerMap
 from soupkit.engine.schedule import warmup_cosine
+from soupkit.errors import DivergenceError
+from soupkit.runtime.distributed import Communicator
 
 __all__ = ["SimplexSpace", "HyperplaneSpace", "optimise", "lr_lambda"]
 

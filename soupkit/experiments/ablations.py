@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from soupkit.experiments.results import record_test_interval, write_csv
 from soupkit.experiments.run import RunSpec, run_method
 from soupkit.io import atomic_write_json
 from soupkit.pool.checkpoint_pool import CheckpointPool
-from soupkit.experiments.results import record_test_interval, write_csv
 from soupkit.zoo.sources import open_zoo
 
 __all__ = ["STUDIES", "Setting", "ablation_grid", "run_ablations", "gram_matrices",

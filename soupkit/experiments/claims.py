@@ -22,12 +22,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from soupkit.experiments.results import paper_table
 from soupkit.experiments.run import read_correct
 from soupkit.experiments.runner import find_notebooks
-from soupkit.experiments.results import paper_table
-from soupkit.methods.registry import DISPLAY
 from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, paired_difference, seed_interval,
                                        seeds_needed, verdict)
+from soupkit.methods.registry import DISPLAY
 
 __all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
            "power_line", "TABLE1_PAIRS"]

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from soupkit.engine.layers import LayerMap
-from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.methods.registry import DISPLAY
 from soupkit.methods.result import SoupResult
+from soupkit.pool.checkpoint_pool import CheckpointPool
 
 __all__ = ["load_results", "coefficients_from_params", "coefficient_table", "coefficient_summary", "combine",
            "plot_coefficient_histograms", "plot_layer_coefficients", "coefficient_explorer"]

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 from soupkit.errors import MissingInputError, ParameterError
-from soupkit.methods.registry import METHODS
 from soupkit.experiments.runner import find_notebooks
+from soupkit.methods.registry import METHODS
 
 __all__ = ["Needs", "check_notebook", "declared_parameters", "injected_names", "check_types", "check_unknown",
            "check_methods", "parse_list", "parse_methods", "enter_notebook_folder", "check_inputs"]

@@ -18,8 +18,8 @@ from matplotlib.patches import Patch
 import numpy as np
 import pandas as pd
 
-from soupkit.methods.registry import DISPLAY, METHODS
 from soupkit.experiments.stats import wilson_interval
+from soupkit.methods.registry import DISPLAY, METHODS
 
 __all__ = ["OTHER_COLOUR", "family_colours", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
            "method_style", "family_handles", "mark_broken_axis", "device_title", "save_figure", "plot_main_table",
@@ -57,22 +57,18 @@ def method_style(method: str) -> dict[str, Any]:
     return {"color": m.colour, "marker": m.marker, "ls": m.linestyle}
 
 
-def _variant_families() -> set[str]:
-    """Families with a plain (one λ per model) and a "+" variant: their legend entry shows the "+" marker."""
-    return {m.family for m in METHODS.values() if m.learned}
+def _legend_member(family: str) -> Any:
+    """The method whose marker a family's legend entry shows: its "+" variant if it has one, else its first."""
+    members = [(name, m) for name, m in METHODS.items() if m.family == family]
+    return next((m for name, m in members if name.endswith("+")), members[0][1])
 
 
 def family_handles(methods: Iterable[str]) -> list[Line2D]:
     """Legend entries, one per family present in ``methods`` (in legend order)."""
     methods = [str(m) for m in methods]
     present = {method_family(m) for m in methods}
-    first = {}  # family -> its first method: the "+" one for a family with variants
-    for name, m in METHODS.items():
-        if m.family not in first or (m.family in _variant_families() and name.endswith("+")
-                                     and not first[m.family].endswith("+")):
-            first[m.family] = name
-    out = [Line2D([], [], color=METHODS[first[f]].colour, marker=METHODS[first[f]].marker, ls="-", lw=2,
-                  label=METHODS[first[f]].family_display) for f in family_colours() if f in present]
+    out = [Line2D([], [], color=m.colour, marker=m.marker, ls="-", lw=2, label=m.family_display)
+           for m in (_legend_member(f) for f in family_colours() if f in present)]
     out += [Line2D([], [], color=method_colour(m), marker=method_style(m)["marker"], ls="-", lw=2, label=str(m))
             for m in dict.fromkeys(methods) if m not in METHODS]
     variants = [(any(m in METHODS and METHODS[m].learned and METHODS[m].marker == "s" for m in methods), "s",

@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from soupkit.experiments.stats import Interval, bootstrap_accuracy, wilson_interval
 from soupkit.io import atomic_write_text
 from soupkit.methods.registry import DISPLAY, table_order
-from soupkit.experiments.stats import Interval, bootstrap_accuracy, wilson_interval
 
 __all__ = ["PAPER_DIR", "write_csv", "read_csv", "append_jsonl", "read_jsonl",
            "paper_table", "record_test_interval", "with_test_intervals", "with_wilson_intervals", "main_table",

@@ -22,18 +22,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from soupkit.engine.evaluation import accuracy
-from soupkit.methods.result import soup_logits
-from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.config import MAIN_TABLE_SETTINGS
-from soupkit.errors import DivergenceError
-from soupkit.errors import MemoryCapExceeded
+from soupkit.engine.evaluation import accuracy
+from soupkit.errors import DivergenceError, MemoryCapExceeded
+from soupkit.io import atomic_write_json, atomic_write_text
+from soupkit.methods.registry import METHODS, make_soup
+from soupkit.methods.result import soup_logits
+from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.runtime.numerics import numerics_info
 from soupkit.runtime.progress import ENV as PROGRESS_ENV, report
-from soupkit.methods.registry import METHODS, make_soup
-from soupkit.pool.checkpoint_pool import CheckpointPool
-from soupkit.zoo.sources import open_zoo
 from soupkit.zoo.base import BaseZoo
+from soupkit.zoo.sources import open_zoo
 
 __all__ = ["RunSpec", "main_table_options", "predictions_path", "write_predictions", "read_correct",
            "soup_options", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]

@@ -32,14 +32,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from soupkit.experiments.run import predictions_path, read_correct, run_methods
-from soupkit.methods.registry import METHODS
-from soupkit.zoo.embedded_models import ResNetConfig, ViTConfig
 from soupkit.experiments.results import write_csv
-from soupkit.methods.registry import DISPLAY
+from soupkit.experiments.run import predictions_path, read_correct, run_methods
 from soupkit.experiments.stats import paired_difference, seed_interval, verdict
-from soupkit.zoo.config import ZooConfig
+from soupkit.methods.registry import DISPLAY, METHODS
 from soupkit.zoo.build import build_zoo, load_zoo
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.embedded_models import ResNetConfig, ViTConfig
 
 __all__ = ["RECORD_COLUMNS", "seed_zoo_config", "seed_dir", "seed_study", "read_seed_records", "seed_zoo_table",
            "seed_summary", "seed_comparisons", "plot_seed_study"]

@@ -27,10 +27,10 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
-from soupkit.experiments.run import RunSpec, run_method, run_methods, zoo_table
 from soupkit.experiments.plots import (device_title, legend_below, mark_broken_axis, method_colour, method_handles,
                                        method_style)
 from soupkit.experiments.results import with_test_intervals, write_csv
+from soupkit.experiments.run import RunSpec, run_method, run_methods, zoo_table
 from soupkit.methods.registry import DISPLAY
 from soupkit.methods.result import SoupResult
 from soupkit.zoo.sources import open_zoo

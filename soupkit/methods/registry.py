@@ -18,16 +18,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from soupkit.methods.run_dir import forked_rng
-from soupkit.engine.heldout import check_heldout
 from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, RELEASED_DEFAULTS, SoupConfig, with_options
-from soupkit.runtime.distributed import communicator
 from soupkit.engine.evaluation import accuracy, predict
+from soupkit.engine.heldout import check_heldout
 from soupkit.methods.hyperplane import hyperplane_soup
 from soupkit.methods.learned import learned_soup
-from soupkit.runtime.memory import MemoryCap, PeakMemory
-from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.methods.result import SoupResult
+from soupkit.methods.run_dir import forked_rng
+from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.runtime.distributed import communicator
+from soupkit.runtime.memory import MemoryCap, PeakMemory
 
 __all__ = ["Method", "METHODS", "DEFAULTS", "DISPLAY", "register", "config_for", "table_order", "display_name", "make_soup"]
 

@@ -59,8 +59,7 @@ from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_splits, load_task,
                                        make_loader, regenerate_splits, split_path, to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
-from soupkit.zoo.recipe import PRETRAIN_FIELDS, load_train_data, pretrain_and_probe
-from soupkit.zoo.recipe import accuracy as _accuracy
+from soupkit.zoo.recipe import accuracy as _accuracy, load_train_data, pretrain_and_probe, PRETRAIN_FIELDS
 from soupkit.zoo.recipe import train as _train  # looked up here at each call: tests count fine-tunes
 
 __all__ = ["FinetuneHParams", "sample_hparams", "Zoo", "build_zoo", "load_zoo", "seeded_split_name", "zoo_splits"]
@@ -121,20 +120,22 @@ class Zoo(BaseZoo):
         """One row describing the zoo: architecture, parameters, task, K, linear probe and fine-tune test
         accuracy (min / mean / max, fractions)."""
         test = np.array([r["test_acc"] for r in self.records])
-        arch = "ResNet" if getattr(self.config.model, "arch", "vit") == "resnet" else "ViT"
-        return {"task": self.config.task, "arch": arch, "width": self.config.model.width,
+        return {"task": self.config.task, "arch": self._arch, "width": self.config.model.width,
                 "parameters": sum(p.numel() for p in self.make_model().parameters()), "k": len(self.records),
-                "lp_test_acc": self.info["backbone"]["lp_test_acc"], "finetune_test_min": float(test.min()),
+                "lp_test_acc": self.linear_probe_accuracy, "finetune_test_min": float(test.min()),
                 "finetune_test_mean": float(test.mean()), "finetune_test_max": float(test.max())}
 
     @property
     def linear_probe_accuracy(self) -> float:
         return self.info["backbone"]["lp_test_acc"]
 
+    @property
+    def _arch(self) -> str:
+        return "ResNet" if getattr(self.config.model, "arch", "vit") == "resnet" else "ViT"
+
     def describe(self) -> str:
-        arch = "ResNet" if getattr(self.config.model, "arch", "vit") == "resnet" else "ViT"
         task = self.config.task.replace("animal_mnist", "Animal-MNIST").replace("_", " ")
-        return f"embedded zoo: {len(self.records)} {arch} fine-tunes on {task}"
+        return f"embedded zoo: {len(self.records)} {self._arch} fine-tunes on {task}"
 
     def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:

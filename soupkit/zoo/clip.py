@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from soupkit.runtime._compat import import_open_clip
-from soupkit.pool.formats import load_state_dict, save_state_dict
 from soupkit.errors import CheckpointLayoutError
+from soupkit.pool.formats import load_state_dict, save_state_dict
+from soupkit.runtime._compat import import_open_clip
 
 __all__ = [
     "MODEL_SOUPS_ARCH", "TEXT_LEFTOVER_KEYS", "ImageTower", "SoupClassifier",

@@ -23,8 +23,8 @@ from typing import Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from soupkit.io import atomic_write_json, sha256_file
 from soupkit.errors import DownloadError, IntegrityError
+from soupkit.io import atomic_write_json, sha256_file
 
 __all__ = [
     "RELEASE_URL", "RELEASE_NUM_MODELS", "MANIFEST_NAME", "DownloadConfig", 

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from soupkit.runtime._compat import import_open_clip, import_torchvision
-from soupkit.io import atomic_write_text
 from soupkit.errors import DataError
+from soupkit.io import atomic_write_text
+from soupkit.runtime._compat import import_open_clip, import_torchvision
 
 __all__ = [
     "HeldoutSplit", "DataSplits", "per_class_heldout", "random_heldout", "mask_heldout",

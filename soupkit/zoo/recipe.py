@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from soupkit.engine.schedule import warmup_cosine
 from soupkit.zoo.embedded_data import (Splits, augment, load_animal_mnist, load_mnist5k, load_task, make_loader,
                                        to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
-from soupkit.engine.schedule import warmup_cosine
 
 if TYPE_CHECKING:  # pragma: no cover
     from soupkit.zoo.config import ZooConfig

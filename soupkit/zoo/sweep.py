@@ -28,14 +28,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from soupkit.engine.schedule import warmup_cosine
+from soupkit.errors import SweepError
+from soupkit.io import atomic_write_json, atomic_write_text, sha256_file
+from soupkit.methods.result import evaluate
+from soupkit.pool.formats import load_state_dict, save_state_dict
 from soupkit.runtime._compat import import_open_clip
 from soupkit.zoo.clip import SoupClassifier, classifier_from_clip, create_clip, load_weights, preprocess_config
-from soupkit.methods.result import evaluate
-from soupkit.io import atomic_write_json, atomic_write_text, sha256_file
-from soupkit.pool.formats import load_state_dict, save_state_dict
 from soupkit.zoo.realdata import DataSplits, clip_transform, load_splits, make_loader
-from soupkit.errors import SweepError
-from soupkit.engine.schedule import warmup_cosine
 
 __all__ = ["SweepConfig", "sample_hparams", "run_sweep", "main"]
 

@@ -196,14 +196,14 @@ def _arch_inputs(args: argparse.Namespace, pool_paths: list[Path], rank: int, wo
     transform = realdata.clip_transform(preprocess_config(model))
     split_file = args.split_file or f"splits/{args.data}_heldout.json"
     if rank == 0:  # rank 0 writes a missing split file before the others read it
-        splits = realdata.load_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
+        splits = realdata.dataset_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
     if world > 1:
         dist.barrier()
         if rank != 0:
-            splits = realdata.load_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
-    learn = realdata.make_loader(splits.heldout, args.batch_size, shuffle=True, seed=args.seed,
+            splits = realdata.dataset_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
+    learn = realdata.dataset_loader(splits.heldout, args.batch_size, shuffle=True, seed=args.seed,
                                  num_workers=args.workers)
-    test = realdata.make_loader(splits.test, args.eval_batch_size or 256, num_workers=args.workers)
+    test = realdata.dataset_loader(splits.test, args.eval_batch_size or 256, num_workers=args.workers)
     return model, pool, learn, None, test
 
 

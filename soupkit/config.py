@@ -242,5 +242,6 @@ def with_options(defaults: SoupConfig, name: str, **options: Any) -> SoupConfig:
 # soupkit.experiments.run.main_table_options, so one method on one zoo gives one soup in the notebook and on the command line.
 MAIN_TABLE_SETTINGS: dict[str, Any] = {
     "heldout_size": 2000, "select_fraction": 0.0, "batch_size": 128, "eval_batch_size": 500, "seed": 0,
-    "model_batch_size": 8, "learned_lr": 0.05, "hyperplane_lr": 0.01, "weight_decay": 0.0, "epochs": 5.0,
+    "model_batch_size": 8, "learned_lr": LEARNED_DEFAULTS.lr, "hyperplane_lr": HYPERPLANE_DEFAULTS.lr,
+    "weight_decay": HYPERPLANE_DEFAULTS.weight_decay, "epochs": HYPERPLANE_DEFAULTS.epochs,
 }

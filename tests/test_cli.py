@@ -78,7 +78,7 @@ def tiny_arch(monkeypatch, tmp_path):
     monkeypatch.setattr(clip_models, "build_model_soups_model", build)
     monkeypatch.setattr(clip_models, "preprocess_config", lambda model: {})
     monkeypatch.setattr(realdata, "clip_transform", lambda cfg, is_train=False: None)
-    monkeypatch.setattr(realdata, "load_splits", splits)
+    monkeypatch.setattr(realdata, "dataset_splits", splits)
     return tmp_path, built
 
 

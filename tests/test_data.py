@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from soupkit.zoo import embedded_data as data
-from soupkit.zoo.embedded_data import (SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, load_splits,
-                                       make_loader, regenerate_splits, split_path, to_tensor)
+from soupkit.zoo.embedded_data import (SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, read_split_file,
+                                       regenerate_splits, split_path, tensor_loader, to_tensor)
 
 
 def test_animal_mnist_shapes() -> None:
@@ -21,7 +21,7 @@ def test_animal_mnist_shapes() -> None:
 
 
 def test_committed_splits_disjoint_balanced_and_sized() -> None:
-    splits = load_splits()
+    splits = read_split_file()
     _, labels = load_animal_mnist()
     every = np.concatenate([getattr(splits, n) for n in SPLIT_NAMES])
     assert len(np.unique(every)) == len(every)
@@ -46,11 +46,11 @@ def test_split_file_for_other_data_is_refused(tmp_path) -> None:
     doc["n_total"] = 9_999
     split_path(tmp_path).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="9999"):
-        load_splits(tmp_path)
+        read_split_file(tmp_path)
 
 
 def test_subset_is_prefix_and_bounded() -> None:
-    splits = load_splits()
+    splits = read_split_file()
     assert np.array_equal(splits.subset("heldout", 250), splits.heldout[:250])
     with pytest.raises(ValueError):
         splits.subset("test", len(splits.test) + 1)
@@ -76,7 +76,7 @@ def test_to_tensor_and_loader_shapes() -> None:
     assert abs(float(x.mean())) < 0.3  # roughly standardised
     assert to_tensor(images[:2], channels=3).shape == (2, 3, 28, 28)
     y = torch.from_numpy(labels)
-    batches = list(make_loader(x, y, batch_size=128, shuffle=False))
+    batches = list(tensor_loader(x, y, batch_size=128, shuffle=False))
     assert [len(b[1]) for b in batches] == [128, 128, 44]
     assert batches[0][0].shape == (128, 1, 28, 28) and batches[0][1].dtype == torch.int64
     assert torch.equal(batches[0][0], x[:128])
@@ -84,7 +84,7 @@ def test_to_tensor_and_loader_shapes() -> None:
 
 def test_loader_order_depends_only_on_seed() -> None:
     x, y = torch.arange(50.0).view(50, 1), torch.arange(50)
-    order = lambda seed: torch.cat([b[1] for b in make_loader(x, y, 16, shuffle=True, seed=seed)])
+    order = lambda seed: torch.cat([b[1] for b in tensor_loader(x, y, 16, shuffle=True, seed=seed)])
     torch.manual_seed(123)
     a = order(0)
     torch.manual_seed(456)  # the global RNG must not matter

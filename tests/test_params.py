@@ -189,3 +189,25 @@ def test_progress_lines_go_to_stderr_only_when_enabled(monkeypatch, capsys):
     monkeypatch.setenv(progress.ENV, "0")
     progress.enable()  # the environment's choice stays
     assert not progress.enabled()
+
+
+def test_notebook_learning_defaults_are_the_library_defaults() -> None:
+    """A parameters cell holds literals (papermill), so each notebook repeats the published learning rates,
+    weight decay and epochs: they must be the library's (soupkit.config), or a notebook would run another method."""
+    import papermill
+
+    from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
+    from soupkit.experiments.runner import NOTEBOOKS, find_notebooks
+
+    want = {"learned_lr": LEARNED_DEFAULTS.lr, "hyperplane_lr": HYPERPLANE_DEFAULTS.lr,
+            "weight_decay": HYPERPLANE_DEFAULTS.weight_decay, "epochs": HYPERPLANE_DEFAULTS.epochs}
+    assert LEARNED_DEFAULTS.epochs == HYPERPLANE_DEFAULTS.epochs  # one `epochs` parameter serves both kinds
+    folder = find_notebooks(Path(__file__).parent)
+    seen = 0
+    for name in NOTEBOOKS:
+        declared = papermill.inspect_notebook(str(folder / f"{name}.ipynb"))
+        for key, value in want.items():
+            if key in declared:
+                assert float(declared[key]["default"]) == value, f"{name}: {key} = {declared[key]['default']}"
+                seen += 1
+    assert seen >= 20  # 02-10 declare them

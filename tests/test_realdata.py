@@ -11,7 +11,7 @@ from PIL import Image
 
 from soupkit.runtime._compat import import_torchvision
 from soupkit.errors import DataError
-from soupkit.zoo.realdata import (clip_transform, cifar_splits, imagenet_splits, load_splits, make_loader,
+from soupkit.zoo.realdata import (cifar_splits, clip_transform, dataset_loader, dataset_splits, imagenet_splits,
                                   mask_heldout, per_class_heldout, random_heldout, read_cifar, write_cifar_dir)
 
 CFG = {"size": (16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
@@ -112,17 +112,17 @@ def test_cifar10_roundtrip_matches_torchvision_reader(tmp_path):
 def test_cifar100_split_and_loader(tmp_path):
     write_cifar_dir(tmp_path, "cifar100", _cifar_arrays(40, 100, 0), _cifar_arrays(8, 100, 1),
                     [f"c{i}" for i in range(100)])
-    data = load_splits("cifar100", tmp_path, clip_transform(CFG), tmp_path / "split.json", seed=3,
+    data = dataset_splits("cifar100", tmp_path, clip_transform(CFG), tmp_path / "split.json", seed=3,
                        train_transform=lambda image: "augmented")
     assert data.train[0][0] == "augmented" and isinstance(data.heldout[0][0], torch.Tensor)
     assert (len(data.train), len(data.heldout), len(data.test)) == (36, 4, 8) and len(data.classes) == 100
     assert data.split.rule == "fraction:0.1" and data.split == cifar_splits(
         tmp_path, "cifar100", clip_transform(CFG), tmp_path / "split.json", seed=3).split
-    data = load_splits("cifar100", tmp_path, clip_transform(CFG), tmp_path / "split.json", seed=3)
-    images, labels = next(iter(make_loader(data.train, 8, shuffle=True, seed=0)))
+    data = dataset_splits("cifar100", tmp_path, clip_transform(CFG), tmp_path / "split.json", seed=3)
+    images, labels = next(iter(dataset_loader(data.train, 8, shuffle=True, seed=0)))
     assert images.shape == (8, 3, 16, 16) and labels.dtype == torch.int64
-    order = [lab.tolist() for _, lab in make_loader(data.train, 8, shuffle=True, seed=0)]
-    assert order == [lab.tolist() for _, lab in make_loader(data.train, 8, shuffle=True, seed=0)]
+    order = [lab.tolist() for _, lab in dataset_loader(data.train, 8, shuffle=True, seed=0)]
+    assert order == [lab.tolist() for _, lab in dataset_loader(data.train, 8, shuffle=True, seed=0)]
 
 
 def test_cifar_pickles_from_numpy1_load_and_code_is_refused(tmp_path):

@@ -13,7 +13,7 @@ from scipy.stats import t
 
 from soupkit.experiments import runner
 from soupkit.zoo import build as zoo_mod
-from soupkit.zoo.embedded_data import load_splits
+from soupkit.zoo.embedded_data import read_split_file
 from soupkit.experiments.run import write_predictions
 from soupkit.zoo.embedded_models import ViTConfig
 from soupkit.experiments.seeds import (read_seed_records, seed_comparisons, seed_study, seed_summary, seed_zoo_config,
@@ -114,7 +114,7 @@ def test_seed_zoo_config():
 
 
 def test_split_seed_zero_is_the_committed_file_and_others_differ(tmp_path):
-    committed = load_splits()
+    committed = read_split_file()
     config = ZooConfig(split_seed=0)
     assert zoo_mod.zoo_splits(tmp_path, config, create=True).fingerprint == committed.fingerprint
     assert (tmp_path / "animal_mnist_v3_seed0.json").is_file()
@@ -158,7 +158,7 @@ def test_different_seeds_give_different_zoos_and_splits(study):
     out, _ = study
     zoos = {s: load_zoo(out / f"seed_{s}" / "zoo") for s in (0, 5)}
     assert zoos[0].config.search_seed == 0 and zoos[5].config.pretrain_seed == 5 and zoos[5].config.split_seed == 5
-    assert zoos[0].info["splits_fingerprint"] == load_splits().fingerprint
+    assert zoos[0].info["splits_fingerprint"] == read_split_file().fingerprint
     assert zoos[5].info["splits_fingerprint"] != zoos[0].info["splits_fingerprint"]
     assert zoos[0].info["backbone"]["sha256"] != zoos[5].info["backbone"]["sha256"]
     assert {r["sha256"] for r in zoos[0].records}.isdisjoint(r["sha256"] for r in zoos[5].records)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from soupkit.config import HYPERPLANE_DEFAULTS
 from soupkit.experiments.results import record_test_interval, write_csv
 from soupkit.experiments.run import RunSpec, run_method
 from soupkit.io import atomic_write_json
@@ -85,7 +86,8 @@ def ablation_grid(baseline: Setting, sweeps: Mapping[str, Sequence[Any]]) -> lis
 
 
 def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: Iterable[tuple[str, Any, Setting]],
-                  *, method: str = "mehl+", lr: float = 0.01, weight_decay: float = 0.0,
+                  *, method: str = "mehl+", lr: float = HYPERPLANE_DEFAULTS.lr,
+                  weight_decay: float = HYPERPLANE_DEFAULTS.weight_decay,
                   **spec_fields: Any) -> pd.DataFrame:
     """Run every distinct setting of ``grid`` once (in this process) and tabulate the studies.
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from soupkit.config import MAIN_TABLE_SETTINGS
+from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, MAIN_TABLE_SETTINGS
 from soupkit.engine.evaluation import accuracy
 from soupkit.errors import DivergenceError, MemoryCapExceeded
 from soupkit.io import atomic_write_json, atomic_write_text
@@ -72,8 +72,9 @@ class RunSpec:
     device: str = "cpu"
 
 
-def soup_options(method: str, *, learned_lr: float = 0.05, hyperplane_lr: float = 0.01,
-                 weight_decay: float = 0.0, epochs: float = 5.0, model_batch_size: int | None = None,
+def soup_options(method: str, *, learned_lr: float = LEARNED_DEFAULTS.lr, hyperplane_lr: float = HYPERPLANE_DEFAULTS.lr,
+                 weight_decay: float = HYPERPLANE_DEFAULTS.weight_decay, epochs: float = HYPERPLANE_DEFAULTS.epochs,
+                 model_batch_size: int | None = None,
                  **common: Any) -> dict[str, Any]:
     """``make_soup`` options for ``method`` from the scalar parameters notebooks expose."""
     opts: dict[str, Any] = dict(common)

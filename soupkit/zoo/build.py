@@ -56,8 +56,8 @@ from soupkit.runtime.progress import report
 from soupkit.zoo import files
 from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.config import ZooConfig
-from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_splits, load_task,
-                                       make_loader, regenerate_splits, split_path, to_tensor)
+from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_task, read_split_file,
+                                       regenerate_splits, split_path, tensor_loader, to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
 from soupkit.zoo.recipe import accuracy as _accuracy, load_train_data, pretrain_and_probe, PRETRAIN_FIELDS
 from soupkit.zoo.recipe import train as _train  # looked up here at each call: tests count fine-tunes
@@ -146,11 +146,11 @@ class Zoo(BaseZoo):
         n_select = int(round(select_fraction * len(hy)))
         learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
         return {
-            "learn": make_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
-            "select": make_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
+            "learn": tensor_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
+            "select": tensor_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
             if n_select else None,
-            "heldout": make_loader(hx, hy, eval_batch_size, shuffle=False),
-            "test": make_loader(tx, ty, eval_batch_size, shuffle=False),
+            "heldout": tensor_loader(hx, hy, eval_batch_size, shuffle=False),
+            "test": tensor_loader(tx, ty, eval_batch_size, shuffle=False),
         }
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:
@@ -177,12 +177,12 @@ def zoo_splits(out_dir: str | Path, config: ZooConfig, splits_dir: str | Path = 
     ``config.split_seed`` is None, else ``out_dir/<seeded_split_name>.json`` (with ``create``: written first if
     missing, with the committed file's sizes)."""
     if config.split_seed is None:
-        return load_splits(splits_dir, config.split_name)
+        return read_split_file(splits_dir, config.split_name)
     name = seeded_split_name(config)
     if create and not split_path(out_dir, name).is_file():
         sizes = json.loads(split_path(splits_dir, config.split_name).read_text())["sizes"]
         regenerate_splits(out_dir, name, SplitSizes(**sizes), seed=config.split_seed)
-    return load_splits(out_dir, name)
+    return read_split_file(out_dir, name)
 
 
 def _mismatch(info: dict[str, Any], config: ZooConfig, splits: Splits) -> list[str]:

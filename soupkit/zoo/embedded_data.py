@@ -179,7 +179,7 @@ def regenerate_splits(
     return path
 
 
-def load_splits(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT_SPLIT_NAME) -> Splits:
+def read_split_file(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT_SPLIT_NAME) -> Splits:
     """Read the committed split file and check it against the installed data (size and bytes)."""
     path = split_path(splits_dir, name)
     if not path.is_file():
@@ -205,7 +205,7 @@ def load_splits(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT
 
 def load_split(name: str, n: int | None = None, splits: Splits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [n, 28, 28] and labels int64 [n] of (a prefix of) one Animal-MNIST split."""
-    splits = splits if splits is not None else load_splits()
+    splits = splits if splits is not None else read_split_file()
     images, labels = load_animal_mnist()
     idx = splits.subset(name, n)
     return images[idx], labels[idx]
@@ -218,7 +218,7 @@ def to_tensor(images: np.ndarray, channels: int = 1) -> torch.Tensor:
     return x.expand(-1, channels, -1, -1).contiguous() if channels > 1 else x
 
 
-def make_loader(
+def tensor_loader(
     x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
 ) -> DataLoader:
     """Deterministic in-memory loader over x [N, ...] and y [N]: yields (x [B, ...], y [B]).

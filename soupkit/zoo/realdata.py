@@ -31,7 +31,7 @@ from soupkit.runtime._compat import import_open_clip, import_torchvision
 __all__ = [
     "HeldoutSplit", "DataSplits", "per_class_heldout", "random_heldout", "mask_heldout",
     "load_or_create_split", "read_split", "clip_transform", "ArrayImageDataset", "read_cifar",
-    "write_cifar_dir", "imagenet_splits", "cifar_splits", "load_splits", "make_loader",
+    "write_cifar_dir", "imagenet_splits", "cifar_splits", "dataset_splits", "dataset_loader",
 ]
 
 SPLIT_FORMAT = "soupkit-heldout/1"
@@ -301,7 +301,7 @@ def cifar_splits(root: str | os.PathLike, name: str, transform: Callable, split_
                        ArrayImageDataset(test_images, test_labels, transform), split, classes)
 
 
-def load_splits(dataset: str, root: str | os.PathLike, transform: Callable, split_file: str | os.PathLike, *,
+def dataset_splits(dataset: str, root: str | os.PathLike, transform: Callable, split_file: str | os.PathLike, *,
                 seed: int = 0, train_transform: Callable | None = None) -> DataSplits:
     """``imagenet`` / ``cifar10`` / ``cifar100`` with the paper's held-out rule (26 per class / 10 %)."""
     if dataset == "imagenet":
@@ -309,7 +309,7 @@ def load_splits(dataset: str, root: str | os.PathLike, transform: Callable, spli
     return cifar_splits(root, dataset, transform, split_file, seed=seed, train_transform=train_transform)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+def dataset_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
                 drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
     """DataLoader yielding (images [B, 3, H, W], labels [B]); the shuffle order is fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed)

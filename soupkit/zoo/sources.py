@@ -47,7 +47,7 @@ class SourceSpec:
             of the same stem are used when present) or ``"sweep"`` (the models of a ``soupkit.zoo.sweep`` folder,
             in index order).
         dataset: ``imagenet`` (ImageFolder ``train/`` + ``val/``), ``cifar10`` or ``cifar100``
-            (torchvision's files); held-out split as ``soupkit.zoo.realdata.load_splits`` (26 per class / 10 %).
+            (torchvision's files); held-out split as ``soupkit.zoo.realdata.dataset_splits`` (26 per class / 10 %).
         split_file: the held-out split JSON (a sweep's is ``checkpoint_dir/split.json``: use it).
     """
 
@@ -102,7 +102,7 @@ def _data(spec: SourceSpec, keep_text: bool) -> Any:
 
     transform = realdata.clip_transform(preprocess_config(build_model_soups_model(
         spec.classes, spec.arch, keep_text_leftovers=keep_text)))
-    return realdata.load_splits(spec.dataset, spec.data_root, transform, spec.split_file, seed=spec.seed)
+    return realdata.dataset_splits(spec.dataset, spec.data_root, transform, spec.split_file, seed=spec.seed)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class ExternalZoo(BaseZoo):
     def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
         """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
-        from soupkit.zoo.realdata import make_loader  # noqa: PLC0415
+        from soupkit.zoo.realdata import dataset_loader  # noqa: PLC0415
 
         data = _data(self.spec, self._keeps_text)
         order = np.random.default_rng(self.spec.seed).permutation(len(data.heldout))
@@ -155,10 +155,10 @@ class ExternalZoo(BaseZoo):
         learn, select = order[: len(order) - n_select], order[len(order) - n_select:]
         w = self.spec.workers
         return {
-            "learn": make_loader(Subset(data.heldout, learn.tolist()), batch_size, shuffle=True, seed=seed, num_workers=w),
-            "select": make_loader(Subset(data.heldout, select.tolist()), eval_batch_size, num_workers=w) if n_select else None,
-            "heldout": make_loader(Subset(data.heldout, order.tolist()), eval_batch_size, num_workers=w),
-            "test": make_loader(data.test, eval_batch_size, num_workers=w),
+            "learn": dataset_loader(Subset(data.heldout, learn.tolist()), batch_size, shuffle=True, seed=seed, num_workers=w),
+            "select": dataset_loader(Subset(data.heldout, select.tolist()), eval_batch_size, num_workers=w) if n_select else None,
+            "heldout": dataset_loader(Subset(data.heldout, order.tolist()), eval_batch_size, num_workers=w),
+            "test": dataset_loader(data.test, eval_batch_size, num_workers=w),
         }
 
 

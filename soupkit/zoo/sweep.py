@@ -35,7 +35,7 @@ from soupkit.methods.result import evaluate
 from soupkit.pool.formats import load_state_dict, save_state_dict
 from soupkit.runtime._compat import import_open_clip
 from soupkit.zoo.clip import SoupClassifier, classifier_from_clip, create_clip, load_weights, preprocess_config
-from soupkit.zoo.realdata import DataSplits, clip_transform, load_splits, make_loader
+from soupkit.zoo.realdata import DataSplits, clip_transform, dataset_loader, dataset_splits
 
 __all__ = ["SweepConfig", "sample_hparams", "run_sweep", "main"]
 
@@ -156,7 +156,7 @@ def _write_results(out: Path, records: dict[int, dict]) -> None:
 
 def _train_one(model: SoupClassifier, data: DataSplits, hp: dict[str, Any], config: SweepConfig,
                device: torch.device, index: int) -> int:
-    loader = make_loader(data.train, config.batch_size, shuffle=True, seed=hp["data_seed"],
+    loader = dataset_loader(data.train, config.batch_size, shuffle=True, seed=hp["data_seed"],
                          num_workers=config.num_workers, pin_memory=device.type == "cuda")
     total = config.epochs * len(loader)
     if config.max_steps is not None:
@@ -204,7 +204,7 @@ def run_sweep(config: SweepConfig) -> list[dict]:
     torch.manual_seed(config.seed)  # random backbone weights: identical for every model and every restart
     clip = create_clip(config.arch, config.pretrained, device).eval()
     transform = clip_transform(preprocess_config(clip))
-    data = load_splits(config.dataset, config.root, transform, config.split_file or str(out / "split.json"),
+    data = dataset_splits(config.dataset, config.root, transform, config.split_file or str(out / "split.json"),
                        seed=config.seed)
     model = _initial_classifier(clip, data.classes, config, device)
     del clip  # the text tower is no longer needed: free its memory for the whole sweep
@@ -214,8 +214,8 @@ def run_sweep(config: SweepConfig) -> list[dict]:
     else:
         save_state_dict(model.state_dict(), init_path, metadata={"arch": config.arch})
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    heldout = make_loader(data.heldout, config.batch_size, num_workers=config.num_workers)
-    test = make_loader(data.test, config.batch_size, num_workers=config.num_workers) if config.eval_test else None
+    heldout = dataset_loader(data.heldout, config.batch_size, num_workers=config.num_workers)
+    test = dataset_loader(data.test, config.batch_size, num_workers=config.num_workers) if config.eval_test else None
 
     for index in todo:
         hp = sample_hparams(index, config)

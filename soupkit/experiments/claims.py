@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, pair
 from soupkit.methods.registry import DISPLAY
 
 __all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
-           "power_line", "TABLE1_PAIRS"]
+           "power_line", "study_differences", "TABLE1_PAIRS"]
 
 POWER_TARGET = 0.75  # points: the half-width the MEHL-Soup+ - greedy interval over seeds should reach
 EQUIVALENCE_MARGIN = 0.5  # points: "does not vary much" (the paper's Fig. 2(a): < 0.1 % at ImageNet scale)
@@ -126,9 +126,9 @@ def _ratio_rows(out: Path, seeds_dir: Path | None, benchmark: Path | None) -> li
         for folder in sorted(seeds_dir.glob("seed_*")):
             recs = {}
             for m in ("learned+", "mehl+"):
-                hits = list(folder.rglob(f"{m}.json"))
-                if hits:
-                    recs[m] = pd.read_json(hits[0], typ="series")
+                path = folder / f"{m}.json"  # the seed's own run, not one of its side studies (seed_studies)
+                if path.is_file():
+                    recs[m] = pd.read_json(path, typ="series")
             if len(recs) == 2:
                 for col in per_seed:
                     per_seed[col].append(float(recs["learned+"][col]) / float(recs["mehl+"][col]))
@@ -167,12 +167,34 @@ def _ratio_rows(out: Path, seeds_dir: Path | None, benchmark: Path | None) -> li
     return rows
 
 
-def _top_models(out: Path) -> list[dict[str, Any]]:
+class _Study(NamedTuple):
+    """One claim measured in a study folder: its text, the paper's number, the expected sign (or "equal"),
+    where it comes from, and the difference over that folder's test images (points)."""
+
+    claim: str
+    paper: str
+    expected: int | str
+    basis: str
+    images: Interval | None  # None: a run or its predictions are missing ("not run")
+    note: str = ""
+
+
+def _record(path: str, study_dir: Path) -> Path:
+    """A ``record_path`` of a records file: the same file under ``study_dir`` (``<setting>/<method>.json`` or
+    ``<name>.json``) when it is there, so a study reads the same from any folder; else the path as written."""
+    p = Path(path)
+    for candidate in (study_dir / p.parent.name / p.name, study_dir / p.name):
+        if candidate.is_file():
+            return candidate
+    return p
+
+
+def _top_models(root: Path) -> list[_Study]:
     """Table 3: greedy's drop after removing the top n minus MEHL-Soup+'s drop (> 0: MEHL+ less sensitive)."""
-    path = out / "top_models" / "records.csv"
-    if not path.is_file():
+    study = root / "top_models"
+    if not (study / "records.csv").is_file():
         return []
-    recs = pd.read_csv(path)
+    recs = pd.read_csv(study / "records.csv")
     paper = paper_table("table3_top_models")
     rows = []
     counts = sorted(recs["eliminated"].unique())
@@ -181,7 +203,7 @@ def _top_models(out: Path) -> list[dict[str, Any]]:
         for m in ("greedy", "mehl+"):
             for e in (0, n):
                 hit = recs[(recs["method"] == m) & (recs["eliminated"] == e)]
-                c[m, e] = _correct(Path(hit["record_path"].iloc[0])) if len(hit) else None
+                c[m, e] = _correct(_record(hit["record_path"].iloc[0], study)) if len(hit) else None
         if any(v is None for v in c.values()):
             continue
         images = paired_difference(c["greedy", 0] - c["greedy", n], c["mehl+", 0] - c["mehl+", n]).scaled(100)
@@ -192,69 +214,141 @@ def _top_models(out: Path) -> list[dict[str, Any]]:
             if int(pe) in p.index:
                 paper_text = (f"{(p.loc[0, 'greedy'] - p.loc[int(pe), 'greedy']) - (p.loc[0, 'mehl+'] - p.loc[int(pe), 'mehl+']):+.2f}"
                               f" (top {int(pe)} of 72)")
-        rows.append(_row(f"Table 3: greedy loses more than MEHL-Soup+ when the top {n} models are removed (points)",
-                         paper_text, images, None, +1, "top models (04), one zoo"))
+        rows.append(_Study(f"Table 3: greedy loses more than MEHL-Soup+ when the top {n} models are removed (points)",
+                           paper_text, +1, "top models (04)", images))
     return rows
 
 
-def _pair_in(records_csv: Path, select_a: Callable[[pd.DataFrame], pd.Series],
+def _pair_in(study: Path, select_a: Callable[[pd.DataFrame], pd.Series],
              select_b: Callable[[pd.DataFrame], pd.Series]) -> Interval | None:
-    if not records_csv.is_file():
+    if not (study / "records.csv").is_file():
         return None
-    recs = pd.read_csv(records_csv)
+    recs = pd.read_csv(study / "records.csv")
     a, b = recs[select_a(recs)], recs[select_b(recs)]
     if not len(a) or not len(b):
         return None
-    ca, cb = _correct(Path(a["record_path"].iloc[0])), _correct(Path(b["record_path"].iloc[0]))
+    ca = _correct(_record(a["record_path"].iloc[0], study))
+    cb = _correct(_record(b["record_path"].iloc[0], study))
     return paired_difference(ca, cb).scaled(100) if ca is not None and cb is not None else None
 
 
-def _finetuning_cost(out: Path) -> list[dict[str, Any]]:
+def _finetuning_cost(root: Path) -> list[_Study]:
     """Figure 2: MEHL-Soup+ on the first half of the models against greedy on all of them."""
-    path = out / "finetuning_cost" / "records.csv"
-    if not path.is_file():
+    study = root / "finetuning_cost"
+    if not (study / "records.csv").is_file():
         return []
-    sizes = sorted(pd.read_csv(path)["num_finetuned"].unique())
+    sizes = sorted(pd.read_csv(study / "records.csv")["num_finetuned"].unique())
     k, half = sizes[-1], [s for s in sizes if s <= sizes[-1] // 2]
     if not half:
         return []
     h = half[-1]
-    images = _pair_in(path, lambda r: (r.method == "mehl+") & (r.num_finetuned == h),
+    images = _pair_in(study, lambda r: (r.method == "mehl+") & (r.num_finetuned == h),
                       lambda r: (r.method == "greedy") & (r.num_finetuned == k))
-    return [_row(f"Figure 2: MEHL-Soup+ with the first {h} fine-tunes at least as accurate as greedy with all {k} "
-                 "(points)", "~0 (81 % with < 27 models vs > 54 for greedy, of 72)", images, None, +1,
-                 "fine-tuning cost (06), one zoo")]
+    return [_Study(f"Figure 2: MEHL-Soup+ with the first {h} fine-tunes at least as accurate as greedy with all {k} "
+                   "(points)", "~0 (81 % with < 27 models vs > 54 for greedy, of 72)", +1, "fine-tuning cost (06)",
+                   images)]
 
 
-def _ablations(out: Path, figures: Path) -> list[dict[str, Any]]:
-    """Fig. 2(a-c): b, outer passes and inner epochs change little; Appendix D: decentralising helps."""
-    table_path = figures / "ablations.csv"
+def _ablations(root: Path, figures: Path | None = None) -> list[_Study]:
+    """Fig. 2(a-c): b, outer passes and inner epochs change little; Appendix D: decentralising helps. The
+    table is ``<root>/ablations/ablations.csv`` (``run_ablations``), else ``<figures>/ablations.csv``."""
+    study = root / "ablations"
+    table_path = study / "ablations.csv"
+    if not table_path.is_file() and figures is not None:
+        table_path = figures / "ablations.csv"
     if not table_path.is_file():
         return []
     table = pd.read_csv(table_path)
+
+    def difference(setting_a: str, setting_b: str) -> Interval | None:
+        ca, cb = _correct(study / f"{setting_a}.json"), _correct(study / f"{setting_b}.json")
+        return paired_difference(ca, cb).scaled(100) if ca is not None and cb is not None else None
+
     rows = []
     labels = {"model_batch_size": ("b", "Fig. 2(a): model mini-batch size b does not change accuracy",
                                    "< 0.1 % across b"),
               "outer_passes": ("passes", "Fig. 2(b): more outer passes bring little", "minor gain"),
               "epochs": ("epochs", "Fig. 2(c): more inner iterations bring no significant gain", "no significant gain")}
-    for study, (short, claim, paper_text) in labels.items():
-        sub = table[table["study"] == study]
+    margin = f"'equal' = within ±{EQUIVALENCE_MARGIN} points"
+    for name, (short, claim, paper_text) in labels.items():
+        sub = table[table["study"] == name]
         if len(sub) < 2:
             continue
         lo, hi = sub.iloc[0], sub.iloc[-1]
-        ca = _correct(out / "ablations" / f"{hi['setting']}.json")
-        cb = _correct(out / "ablations" / f"{lo['setting']}.json")
-        images = paired_difference(ca, cb).scaled(100) if ca is not None and cb is not None else None
-        rows.append(_row(f"{claim}: {short} = {hi['value']} minus {short} = {lo['value']} (points)", paper_text,
-                         images, None, "equal", f"ablations (07), one zoo; 'equal' = within ±{EQUIVALENCE_MARGIN} points"))
+        rows.append(_Study(f"{claim}: {short} = {hi['value']} minus {short} = {lo['value']} (points)",
+                           paper_text, "equal", "ablations (07)", difference(hi["setting"], lo["setting"]), margin))
     sub = table[table["study"] == "decentralize"]
     if len(sub) >= 2:
         on = sub[sub["value"].astype(str) == "True"].iloc[0]
         off = sub[sub["value"].astype(str) == "False"].iloc[0]
-        ca, cb = _correct(out / "ablations" / f"{on['setting']}.json"), _correct(out / "ablations" / f"{off['setting']}.json")
-        images = paired_difference(ca, cb).scaled(100) if ca is not None and cb is not None else None
-        rows.append(_row("Appendix D: directions θ_i − θ̄ more accurate than θ_i (points)", "+0.60 (81.62 vs 81.02)",
-                         images, None, +1, "ablations (07), one zoo"))
+        rows.append(_Study("Appendix D: directions θ_i − θ̄ more accurate than θ_i (points)",
+                           "+0.60 (81.62 vs 81.02)", +1, "ablations (07)", difference(on["setting"], off["setting"])))
+    return rows
+
+
+def _side_studies(root: Path, figures: Path | None = None) -> list[_Study]:
+    """Every claim of Table 3, Figure 2 and the ablations measured in the study folders under ``root``."""
+    return _top_models(root) + _finetuning_cost(root) + _ablations(root, figures)
+
+
+def _seed_folders(seeds_dir: Path | None) -> list[tuple[int, Path]]:
+    if seeds_dir is None or not seeds_dir.is_dir():
+        return []
+    found = [(int(p.name.split("_", 1)[1]), p) for p in seeds_dir.glob("seed_*")
+             if p.is_dir() and p.name.split("_", 1)[1].isdigit()]
+    return sorted(found)
+
+
+def study_differences(seeds_dir: str | os.PathLike, level: float = 0.95) -> pd.DataFrame:
+    """Each claim of Table 3, Figure 2 and the ablations over the seeds whose folder under ``seeds_dir`` holds
+    its study (``soupkit.experiments.seed_studies``): the per-seed differences (points, as the claims table
+    measures them in the main run), their mean with Student's t interval, and the mean per-seed half-width of the
+    paired bootstrap over test images.
+
+    Returns:
+        one row per claim, in the claims table's order: ``claim``, ``expected`` (+1 or "equal"), ``seeds``,
+        ``mean difference (points)``, ``t low (points)`` / ``t high (points)`` / ``t half-width (points)``
+        (NaN with fewer than 2 seeds), ``image half-width (points)``, ``verdict`` (of the t interval, as the
+        claims table decides it), then ``seed <s> (points)`` per seed.
+    """
+    per_seed = {seed: {c.claim: c for c in _side_studies(folder) if c.images is not None}
+                for seed, folder in _seed_folders(Path(seeds_dir))}
+    claims = list(dict.fromkeys(name for found in per_seed.values() for name in found))
+    rows: list[dict[str, Any]] = []
+    for name in claims:
+        seen = {s: found[name] for s, found in per_seed.items() if name in found}
+        values = np.array([c.images.estimate for c in seen.values()])
+        interval = seed_interval(values, level) if len(values) >= 2 else None
+        expected = next(iter(seen.values())).expected
+        outcome = (equivalence_verdict(interval) if expected == "equal" else verdict(interval, int(expected))) \
+            if interval else VERDICTS[2]
+        row = {"claim": name, "expected": expected, "seeds": len(values),
+               "mean difference (points)": float(values.mean()),
+               "t low (points)": interval.low if interval else np.nan,
+               "t high (points)": interval.high if interval else np.nan,
+               "t half-width (points)": interval.half_width if interval else np.nan,
+               "image half-width (points)": float(np.mean([c.images.half_width for c in seen.values()])),
+               "verdict": outcome}
+        row.update({f"seed {s} (points)": c.images.estimate for s, c in seen.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _study_rows(out: Path, figures: Path, seeds_dir: Path | None) -> list[dict[str, Any]]:
+    """The claims of Table 3, Figure 2 and the ablations: the main run's interval over test images and, where
+    the multi-seed study ran the same study on 2 or more seeds, the t interval over them."""
+    across = study_differences(seeds_dir) if _seed_folders(seeds_dir) else pd.DataFrame()
+    across = across.set_index("claim") if len(across) else pd.DataFrame(columns=["seeds"])
+    rows = []
+    for c in _side_studies(out, figures):
+        seeds = None
+        if c.claim in across.index and across.loc[c.claim, "seeds"] >= 2:
+            hit = across.loc[c.claim]
+            seeds = Interval(float(hit["mean difference (points)"]), float(hit["t low (points)"]),
+                             float(hit["t high (points)"]))
+        basis = f"{c.basis}, one zoo" if seeds is None else \
+            f"{c.basis} and {int(across.loc[c.claim, 'seeds'])} seeds (10)"
+        rows.append(_row(c.claim, c.paper, c.images, seeds, c.expected, basis, c.note))
     return rows
 
 
@@ -334,8 +428,10 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     # memory and time over seeds only from a study whose methods ran in fresh processes (honest peaks)
     isolated = seeds is not None and _isolated(seeds_path)
     rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv or committed_benchmark()))
-    rows += _larger_model(out) + _top_models(out) + _coefficients(figures) + _finetuning_cost(out)
-    rows += _ablations(out, figures) + _resnet(out)
+    study = _study_rows(out, figures, seeds_path)
+    # the claims table's order: Table 2, Table 3, Figure 1, Figure 2, the ablations, Appendix C
+    top = [r for r in study if r["claim"].startswith("Table 3")]
+    rows += _larger_model(out) + top + _coefficients(figures) + [r for r in study if r not in top] + _resnet(out)
     return pd.DataFrame(rows)
 
 

@@ -76,6 +76,16 @@ def seed_comparisons_block(figures: Path, data: Path) -> str:
                    "half-width over test images (one seed)", "verdict on A > B"], rows)
 
 
+def seed_studies_block(figures: Path, data: Path) -> str:
+    """Table 3, Figure 2 and the ablations over seeds (notebook 10, ``claims.study_differences``)."""
+    t = pd.read_csv(figures / "seeds_studies.csv")
+    rows = [[re.sub(r" \(points\)$", "", r["claim"]), int(r["seeds"]),
+             _ci(r["mean difference (points)"], r["t low (points)"], r["t high (points)"], signed=True),
+             f"±{_fmt(r['image half-width (points)'])}", r["verdict"]] for _, r in t.iterrows()]
+    return _table(["claim (points)", "seeds", "mean [95 % t CI over seeds]",
+                   "half-width over test images (one seed)", "verdict over seeds"], rows)
+
+
 def claims_block(figures: Path, data: Path) -> str:
     return (figures / "claims.md").read_text().strip()
 
@@ -134,7 +144,7 @@ def power_block(figures: Path, data: Path) -> str:
 
 BLOCKS: dict[str, Callable[[Path, Path], str]] = {
     "main_table": main_table_block, "seeds": seeds_block, "seed_comparisons": seed_comparisons_block,
-    "power": power_block,
+    "power": power_block, "seed_studies": seed_studies_block,
     "claims": claims_block, "verdicts": verdicts_block, "plan_check": plan_check_block, "numerics": numerics_block, "tolerances": tolerances_block,
 }
 _BLOCK = re.compile(r"<!-- generated: (?P<name>[a-z_]+) -->\n(?P<body>.*?)\n?<!-- end: (?P=name) -->", re.S)

@@ -41,7 +41,7 @@ from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.embedded_models import ResNetConfig, ViTConfig
 
 __all__ = ["RECORD_COLUMNS", "seed_zoo_config", "seed_dir", "seed_study", "read_seed_records", "seed_zoo_table",
-           "seed_summary", "seed_comparisons", "plot_seed_study"]
+           "seed_summary", "seed_comparisons", "differences_panel", "seed_markers", "plot_seed_study"]
 
 RECORD_COLUMNS = ["seed", "method", "status", "test_accuracy", "heldout_accuracy", "num_models", "seconds_total",
                   "record"]
@@ -336,6 +336,36 @@ def seed_comparisons(records: pd.DataFrame, pairs: Sequence[tuple[str, str]], le
     return pd.DataFrame(rows)
 
 
+def differences_panel(ax: plt.Axes, frame: pd.DataFrame, labels: Sequence[str], colours: Sequence[Any],
+                      markers: Mapping[int, str]) -> None:
+    """One row per row of ``frame`` (columns ``mean difference (points)``, ``t low (points)``,
+    ``t high (points)`` and ``seed <s> (points)``: :func:`seed_comparisons` or
+    ``claims.study_differences``): the mean with its t interval over seeds and each seed's value (hollow, in
+    ``markers[s]``), 0 marked."""
+    y = np.arange(len(frame))
+    diff = frame["mean difference (points)"]
+    err = np.vstack([diff - frame["t low (points)"], frame["t high (points)"] - diff])
+    columns = [c for c in frame.columns if c.startswith("seed ") and c.endswith("(points)")]
+    for i, (_, row) in enumerate(frame.iterrows()):
+        ax.errorbar(diff.iloc[i], i, xerr=np.nan_to_num(err[:, i:i + 1]), fmt="o", color=colours[i], capsize=4,
+                    ms=7, zorder=3)
+        for c in columns:
+            if pd.notna(row[c]):
+                seed = int(c.split()[1])
+                ax.scatter(row[c], i + 0.25, marker=markers.get(seed, "o"), s=16, facecolors="none",
+                           edgecolors=colours[i], alpha=0.9)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, labels)
+    ax.set_ylim(len(frame) - 0.5, -0.5)
+    ax.set_xlabel("paired test-accuracy difference (points)")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def seed_markers(seeds: Sequence[int]) -> dict[int, str]:
+    """One marker per seed (the same in every seed figure)."""
+    return dict(zip(sorted(seeds), "os^Dvp*hX<>" * 4))
+
+
 def plot_seed_study(summary: pd.DataFrame, records: pd.DataFrame, comparisons: pd.DataFrame | None,
                     title: str) -> plt.Figure:
     """Left: per method the mean test accuracy over seeds with its t interval (bars) and each seed's accuracy
@@ -352,7 +382,7 @@ def plot_seed_study(summary: pd.DataFrame, records: pd.DataFrame, comparisons: p
     ax = axes[0, 0]
     ok = _ok(records)
     seeds = sorted(pd.unique(ok["seed"]))
-    markers = dict(zip(seeds, "os^Dvp*hX<>" * 4))
+    markers = seed_markers(seeds)
     y = np.arange(len(summary))
     mean = summary["mean test acc (%)"]
     err = np.vstack([mean - summary["t low (%)"], summary["t high (%)"] - mean])
@@ -373,25 +403,8 @@ def plot_seed_study(summary: pd.DataFrame, records: pd.DataFrame, comparisons: p
         mark_broken_axis(ax, "x")
     ax.grid(axis="x", alpha=0.3)
     if panels == 2:
-        ax = axes[0, 1]
-        y = np.arange(len(comparisons))
-        diff = comparisons["mean difference (points)"]
-        err = np.vstack([diff - comparisons["t low (points)"], comparisons["t high (points)"] - diff])
-        columns = [c for c in comparisons.columns if c.startswith("seed ") and c.endswith("(points)")]
-        for i, (_, row) in enumerate(comparisons.iterrows()):
-            colour = method_colour(row["a"])  # a pair in the colour of its first method
-            ax.errorbar(diff.iloc[i], i, xerr=np.nan_to_num(err[:, i:i + 1]), fmt="o", color=colour, capsize=4,
-                        ms=7, zorder=3)
-            for c in columns:
-                if pd.notna(row[c]):
-                    seed = int(c.split()[1])
-                    ax.scatter(row[c], i + 0.25, marker=markers.get(seed, "o"), s=16, facecolors="none",
-                               edgecolors=colour, alpha=0.9)
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(y, [f"{DISPLAY.get(a, a)} - {DISPLAY.get(b, b)}" for a, b in zip(comparisons.a, comparisons.b)])
-        ax.set_ylim(len(comparisons) - 0.5, -0.5)
-        ax.set_xlabel("paired test-accuracy difference (points)")
-        ax.grid(axis="x", alpha=0.3)
+        labels = [f"{DISPLAY.get(a, a)} - {DISPLAY.get(b, b)}" for a, b in zip(comparisons.a, comparisons.b)]
+        differences_panel(axes[0, 1], comparisons, labels, [method_colour(a) for a in comparisons["a"]], markers)
     fig.suptitle(device_title(title))
     fig.tight_layout()
     handles = [Line2D([], [], color="0.3", marker="o", ls="-", label="mean, t interval over seeds")]

@@ -38,3 +38,36 @@ def test_the_verdict_summary_names_every_claim_once(tmp_path: Path) -> None:
     text = BLOCKS["verdicts"](tmp_path, tmp_path)
     assert text.splitlines() == ["- **reproduces** (1 of 3): A beats B.",
                                  "- **cannot tell at this scale** (2 of 3): C (released code) equals D; E / F memory."]
+
+
+def test_every_soupkit_name_the_documents_give_exists() -> None:
+    """README, docs/, presets/ and the notebooks' text name modules and functions as ``soupkit.a.b``: each must
+    import (a name left behind by a move of modules sends a reader nowhere)."""
+    import importlib
+    import json
+    import re
+
+    def resolves(name: str) -> bool:
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            try:
+                for part in parts[i:]:
+                    obj = getattr(obj, part)
+            except AttributeError:
+                return False
+            return True
+        return False
+
+    texts = {str(p): p.read_text() for p in [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
+                                               *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "presets").glob("*"))]}
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        texts[str(nb)] = "\n".join("".join(c["source"]) for c in cells)
+    pattern = re.compile(r"(?<![\w/.])(soupkit(?:\.\w+)+)")
+    missing = sorted({(Path(f).name, name) for f, text in texts.items() for name in pattern.findall(text)
+                      if not resolves(name.rstrip("."))})
+    assert not missing, missing

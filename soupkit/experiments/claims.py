@@ -337,7 +337,7 @@ def study_differences(seeds_dir: str | os.PathLike, level: float = 0.95) -> pd.D
 def _study_rows(out: Path, figures: Path, seeds_dir: Path | None) -> list[dict[str, Any]]:
     """The claims of Table 3, Figure 2 and the ablations: the main run's interval over test images and, where
     the multi-seed study ran the same study on 2 or more seeds, the t interval over them."""
-    across = study_differences(seeds_dir) if _seed_folders(seeds_dir) else pd.DataFrame()
+    across = study_differences(seeds_dir) if seeds_dir is not None else pd.DataFrame()
     across = across.set_index("claim") if len(across) else pd.DataFrame(columns=["seeds"])
     rows = []
     for c in _side_studies(out, figures):

@@ -1,6 +1,6 @@
 """The paper's other studies over seeds (soupkit.experiments.seed_studies) and their claims with intervals over
 seeds (claims.study_differences): hand-made folders with known differences, a tiny run end to end, and the
-settings against notebooks 04, 06 and 07."""
+settings against notebooks 04, 06, 07 and 09."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from scipy.stats import t
 
+import soupkit
 from soupkit.experiments import runner
 from soupkit.experiments import seed_studies
 from soupkit.experiments.claims import claims_table, study_differences
@@ -67,6 +68,9 @@ def _hand_seed(root: Path, gap: int, written_from: str = "elsewhere") -> None:
              ("outer_passes", 2, "passes2"), ("epochs", 1, "epochs2"), ("epochs", 2, "base"),
              ("decentralize", True, "base"), ("decentralize", False, "raw")]
     pd.DataFrame(table, columns=["study", "value", "setting"]).to_csv(abl / "ablations.csv", index=False)
+    # Appendix C: MEHL+ right on 170 + gap, greedy on 170, Learned+ on 170 + 2 gap
+    for method, right in (("greedy", 170), ("learned+", 170 + 2 * gap), ("mehl+", 170 + gap)):
+        _run(root / "resnet", method, _first(right))
 
 
 def test_study_differences_over_seeds_hand_case(tmp_path: Path) -> None:
@@ -93,6 +97,11 @@ def test_study_differences_over_seeds_hand_case(tmp_path: Path) -> None:
     app_d = diffs.loc["Appendix D: directions θ_i − θ̄ more accurate than θ_i (points)"]
     assert app_d["mean difference (points)"] == pytest.approx(2.0)
     assert app_d["image half-width (points)"] > 0
+    greedy = diffs.loc["Appendix C (ResNet, BatchNorm): MEHL-Soup+ more accurate than Greedy-Soup (points)"]
+    learned = diffs.loc["Appendix C (ResNet, BatchNorm): MEHL-Soup+ more accurate than Learned-Soup+ (points)"]
+    assert [greedy[f"seed {s} (points)"] for s in range(3)] == pytest.approx([1.0, 2.0, 3.0])
+    assert [learned[f"seed {s} (points)"] for s in range(3)] == pytest.approx([-1.0, -2.0, -3.0])
+    assert learned["verdict"] == "cannot tell at this scale" and learned["t high (points)"] == pytest.approx(-2 + half)
 
 
 def test_claims_table_takes_the_seed_interval_for_the_studies(tmp_path: Path) -> None:
@@ -114,6 +123,10 @@ def test_claims_table_takes_the_seed_interval_for_the_studies(tmp_path: Path) ->
     order = list(table.index)
     assert order.index(table3.name) < order.index(
         "Fig. 2(a): model mini-batch size b does not change accuracy: b = 4 minus b = 2 (points)")
+    resnet = table.loc["Appendix C (ResNet, BatchNorm): MEHL-Soup+ more accurate than Greedy-Soup (points)"]
+    assert (resnet["ours, over seeds (95 % CI)"], resnet["verdict"]) == ("+2.00 [+2.00, +2.00]", "reproduces")
+    assert resnet["basis"] == "ResNet zoo (09) and 3 seeds (10)" and order[-1].startswith("Appendix C")
+    assert without.loc[resnet.name, "basis"] == "ResNet zoo (09), one zoo"
 
 
 def test_memory_ratio_reads_the_seed_run_not_a_side_study(tmp_path: Path) -> None:
@@ -163,13 +176,24 @@ def test_settings_are_the_notebooks_defaults() -> None:
     assert tuple(int(c) for c in nb07["pass_values"].split(",")) == s.pass_values
     assert tuple(float(c) for c in nb07["epoch_values"].split(",")) == s.epoch_values
     assert nb07["decentralize_ablation"] == s.decentralize_ablation
+    nb09 = defaults("09_resnet")
+    assert (nb09["k"], nb09["width"], nb09["pretrain_epochs"], nb09["max_eval"]) == (
+        s.resnet_k, s.resnet_width, s.resnet_pretrain_epochs, s.resnet_max_eval)
+    assert tuple(int(c) for c in nb09["finetune_epochs"].split(",")) == s.resnet_epoch_choices
+    assert (nb09["heldout_size"], nb09["model_batch_size"]) == (s.resnet_heldout_size, s.resnet_model_batch_size)
+    for key in ("learned_lr", "hyperplane_lr", "weight_decay", "epochs"):
+        assert nb09[key] == getattr(s, key), key
+    assert nb09["seed"] == 0 and nb09["threads"] == 1 and nb09["methods"] == "all"
+    assert set(s.resnet_methods) <= set(soupkit.METHODS)
 
 
 # ---- a tiny run end to end --------------------------------------------------------------------------------
 SMALL = dict(model={"width": 16, "layers": 1, "heads": 2, "output_dim": 8}, batch_size=64, pretrain_epochs=1,
              lp_steps=5, epoch_choices=[1], max_pretrain=64, max_finetune=64, max_eval=50)
 TINY = SideStudySettings(eliminate=(0, 36), num_finetuned=(1, 2), heldout_size=50, ablation_heldout_size=50,
-                         model_batch_size=1, epochs=0.5, batch_sizes=(1, 2), pass_values=(1,), epoch_values=(0.5,))
+                         model_batch_size=1, epochs=0.5, batch_sizes=(1, 2), pass_values=(1,), epoch_values=(0.5,),
+                         resnet_k=2, resnet_pretrain_epochs=1, resnet_epoch_choices=(1,), resnet_max_eval=50,
+                         resnet_heldout_size=50, resnet_model_batch_size=1, resnet_max_train=64)
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +207,20 @@ def tiny(tmp_path_factory):
 def test_side_studies_write_every_study_of_every_seed(tiny) -> None:
     out, files = tiny
     assert files == [side_study_file(out, s, st) for s in (0, 3) for st in ("top_models", "finetuning_cost",
-                                                                             "ablations")]
+                                                                             "ablations", "resnet")]
     assert all(f.is_file() for f in files)
     top = pd.read_csv(side_study_file(out, 3, "top_models"))
     assert sorted(top["eliminated"].unique()) == [0, 1] and set(top["method"]) == {"greedy", "mehl+"}
     assert all(json.loads(Path(p).read_text())["seed"] == 3 for p in top["record_path"])  # RunSpec.seed = seed
     diffs = study_differences(out)
     # one value of passes and of epochs in TINY: those two studies have nothing to compare
-    assert diffs["seeds"].eq(2).all() and len(diffs) == 4
-    assert list(diffs["claim"].str.split(":").str[0]) == ["Table 3", "Figure 2", "Fig. 2(a)", "Appendix D"]
+    assert diffs["seeds"].eq(2).all() and len(diffs) == 6
+    assert list(diffs["claim"].str.split(":").str[0]) == ["Table 3", "Figure 2", "Fig. 2(a)", "Appendix D"] + [
+        "Appendix C (ResNet, BatchNorm)"] * 2
+    resnet = pd.read_csv(side_study_file(out, 3, "resnet"))
+    assert list(resnet["method"]) == list(TINY.resnet_methods) and resnet["seed"].eq(3).all()
+    zoo = json.loads((out / "seed_3" / "zoo_resnet" / "zoo.json").read_text())
+    assert zoo["config"]["search_seed"] == 3 and zoo["config"]["model"]["arch"] == "resnet"
 
 
 def test_side_studies_resume_without_running_anything(tiny, monkeypatch) -> None:

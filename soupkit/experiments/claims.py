@@ -286,9 +286,25 @@ def _ablations(root: Path, figures: Path | None = None) -> list[_Study]:
     return rows
 
 
+def _resnet(root: Path) -> list[_Study]:
+    """Appendix C: MEHL-Soup+ against greedy and Learned-Soup+ on the ResNet zoo (``<root>/resnet``)."""
+    study = root / "resnet"
+    paper = paper_table("appendixC_resnet101_cifar100")
+    rows = []
+    for a, b in (("mehl+", "greedy"), ("mehl+", "learned+")):
+        ca, cb = _correct(study / f"{a}.json"), _correct(study / f"{b}.json")
+        if ca is None or cb is None:
+            continue
+        rows.append(_Study(f"Appendix C (ResNet, BatchNorm): {DISPLAY[a]} more accurate than {DISPLAY[b]} (points)",
+                           f"{_paper_acc(paper, a) - _paper_acc(paper, b):+.2f}", +1, "ResNet zoo (09)",
+                           paired_difference(ca, cb).scaled(100)))
+    return rows
+
+
 def _side_studies(root: Path, figures: Path | None = None) -> list[_Study]:
-    """Every claim of Table 3, Figure 2 and the ablations measured in the study folders under ``root``."""
-    return _top_models(root) + _finetuning_cost(root) + _ablations(root, figures)
+    """Every claim of Table 3, Figure 2, the ablations and Appendix C measured in the study folders under
+    ``root``."""
+    return _top_models(root) + _finetuning_cost(root) + _ablations(root, figures) + _resnet(root)
 
 
 def _seed_folders(seeds_dir: Path | None) -> list[tuple[int, Path]]:
@@ -300,10 +316,10 @@ def _seed_folders(seeds_dir: Path | None) -> list[tuple[int, Path]]:
 
 
 def study_differences(seeds_dir: str | os.PathLike, level: float = 0.95) -> pd.DataFrame:
-    """Each claim of Table 3, Figure 2 and the ablations over the seeds whose folder under ``seeds_dir`` holds
-    its study (``soupkit.experiments.seed_studies``): the per-seed differences (points, as the claims table
-    measures them in the main run), their mean with Student's t interval, and the mean per-seed half-width of the
-    paired bootstrap over test images.
+    """Each claim of Table 3, Figure 2, the ablations and Appendix C over the seeds whose folder under
+    ``seeds_dir`` holds its study (``soupkit.experiments.seed_studies``): the per-seed differences (points, as
+    the claims table measures them in the main run), their mean with Student's t interval, and the mean per-seed
+    half-width of the paired bootstrap over test images.
 
     Returns:
         one row per claim, in the claims table's order: ``claim``, ``expected`` (+1 or "equal"), ``seeds``,
@@ -335,8 +351,8 @@ def study_differences(seeds_dir: str | os.PathLike, level: float = 0.95) -> pd.D
 
 
 def _study_rows(out: Path, figures: Path, seeds_dir: Path | None) -> list[dict[str, Any]]:
-    """The claims of Table 3, Figure 2 and the ablations: the main run's interval over test images and, where
-    the multi-seed study ran the same study on 2 or more seeds, the t interval over them."""
+    """The claims of Table 3, Figure 2, the ablations and Appendix C: the main run's interval over test images
+    and, where the multi-seed study ran the same study on 2 or more seeds, the t interval over them."""
     across = study_differences(seeds_dir) if seeds_dir is not None else pd.DataFrame()
     across = across.set_index("claim") if len(across) else pd.DataFrame(columns=["seeds"])
     rows = []
@@ -352,17 +368,6 @@ def _study_rows(out: Path, figures: Path, seeds_dir: Path | None) -> list[dict[s
     return rows
 
 
-def _resnet(out: Path) -> list[dict[str, Any]]:
-    paper = paper_table("appendixC_resnet101_cifar100")
-    rows = []
-    for a, b in (("mehl+", "greedy"), ("mehl+", "learned+")):
-        ca, cb = _correct(out / "resnet" / f"{a}.json"), _correct(out / "resnet" / f"{b}.json")
-        if ca is None or cb is None:
-            continue
-        rows.append(_row(f"Appendix C (ResNet, BatchNorm): {DISPLAY[a]} more accurate than {DISPLAY[b]} (points)",
-                         f"{_paper_acc(paper, a) - _paper_acc(paper, b):+.2f}", paired_difference(ca, cb).scaled(100),
-                         None, +1, "ResNet zoo (09), one zoo"))
-    return rows
 
 
 def _larger_model(out: Path) -> list[dict[str, Any]]:
@@ -431,7 +436,7 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     study = _study_rows(out, figures, seeds_path)
     # the claims table's order: Table 2, Table 3, Figure 1, Figure 2, the ablations, Appendix C
     top = [r for r in study if r["claim"].startswith("Table 3")]
-    rows += _larger_model(out) + top + _coefficients(figures) + [r for r in study if r not in top] + _resnet(out)
+    rows += _larger_model(out) + top + _coefficients(figures) + [r for r in study if r not in top]
     return pd.DataFrame(rows)
 
 

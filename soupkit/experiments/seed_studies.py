@@ -1,13 +1,16 @@
-"""The paper's other studies over seeds: Table 3, Figure 2 and the ablations on every zoo of the multi-seed study.
+"""The paper's other studies over seeds: Table 3, Figure 2, the ablations and Appendix C for every seed of the
+multi-seed study.
 
 :func:`soupkit.experiments.seeds.seed_study` builds one zoo per seed and runs the main table's methods on it;
 this module runs the top-models study (notebook 04), the fine-tuning-cost study (06) and the MEHL-Soup+
-ablations with Appendix D (07) on those same zoos, with the settings those notebooks use by default
-(:class:`SideStudySettings`) and ``RunSpec.seed = s`` (held-out batch order, block draw). Files::
+ablations with Appendix D (07) on those same zoos, and Appendix C (09: a ResNet zoo with BatchNorm, built per
+seed with that seed as its search, pre-training and split seed), with the settings those notebooks use by
+default (:class:`SideStudySettings`) and ``RunSpec.seed = s`` (held-out batch order, block draw). Files::
 
     <out_dir>/seed_<s>/top_models/records.csv        as notebook 04 writes outputs/top_models/
     <out_dir>/seed_<s>/finetuning_cost/records.csv   as notebook 06 writes outputs/finetuning_cost/
     <out_dir>/seed_<s>/ablations/ablations.csv       as notebook 07 writes outputs/ablations/
+    <out_dir>/seed_<s>/resnet/records.csv            as notebook 09 writes outputs/resnet/ (its zoo: zoo_resnet/)
 
 A study whose file exists is not run again (its records are written last, once every run of the study is done).
 The claims table (:func:`soupkit.experiments.claims.study_differences`) then reads each claim's difference from
@@ -20,7 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,9 +35,13 @@ from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
 from soupkit.experiments.ablations import Setting, ablation_grid, run_ablations
 from soupkit.experiments.claims import EQUIVALENCE_MARGIN
 from soupkit.experiments.plots import device_title, legend_below, method_colour
-from soupkit.experiments.run import soup_options
-from soupkit.experiments.seeds import differences_panel, seed_dir, seed_markers
+from soupkit.experiments.results import write_csv
+from soupkit.experiments.run import run_methods, soup_options
+from soupkit.experiments.seeds import differences_panel, seed_dir, seed_markers, seed_zoo_config
 from soupkit.experiments.studies import finetuning_cost_study, scaled_counts, top_models_study
+from soupkit.zoo.build import build_zoo
+from soupkit.zoo.config import ZooConfig
+from soupkit.zoo.embedded_models import ResNetConfig
 from soupkit.zoo.sources import open_zoo
 
 __all__ = ["SIDE_STUDIES", "SideStudySettings", "side_study_file", "run_side_study", "run_side_studies",
@@ -45,7 +52,10 @@ SIDE_STUDIES: dict[str, tuple[str, str]] = {
     "top_models": ("records.csv", "04_top_models"),
     "finetuning_cost": ("records.csv", "06_finetuning_cost"),
     "ablations": ("ablations.csv", "07_ablations"),
+    "resnet": ("records.csv", "09_resnet"),
 }
+# studies that run on the seed's ViT zoo (made by seed_study); "resnet" builds its own zoo
+_ON_SEED_ZOO = ("top_models", "finetuning_cost", "ablations")
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ class SideStudySettings:
         batch_sizes / pass_values / epoch_values: the ablations' values of b, outer passes and inner epochs
             around the baseline (``model_batch_size``, ``outer_passes``, ``epochs``); ``decentralize_ablation``
             adds Appendix D (directions θ_i instead of θ_i − θ̄).
+        resnet_*: Appendix C (notebook 09): its zoo (K, ModifiedResNet width, pre-training epochs, the search's
+            fine-tuning epochs, images scored per fine-tune), its held-out size, b, and the methods compared;
+            ``resnet_max_train``: prefixes of its pre-training and fine-tuning splits (tests; None: all).
     """
 
     methods: tuple[str, ...] = ("greedy", "mehl+")
@@ -80,12 +93,31 @@ class SideStudySettings:
     pass_values: tuple[int, ...] = (1, 2)
     epoch_values: tuple[float, ...] = (1.0, 5.0)
     decentralize_ablation: bool = True
+    resnet_methods: tuple[str, ...] = ("greedy", "learned+", "mehl+")
+    resnet_k: int = 8
+    resnet_width: int = 8
+    resnet_pretrain_epochs: int = 20
+    resnet_epoch_choices: tuple[int, ...] = (3, 4, 5)
+    resnet_max_eval: int = 1000
+    resnet_heldout_size: int = 500
+    resnet_model_batch_size: int = 2
+    resnet_max_train: int | None = None
 
-    def options(self) -> dict[str, dict[str, Any]]:
-        """Per-method ``make_soup`` options of Table 3 and Figure 2 (as notebooks 04 and 06 build them)."""
+    def options(self, methods: Sequence[str] | None = None, model_batch_size: int | None = None
+                ) -> dict[str, dict[str, Any]]:
+        """Per-method ``make_soup`` options of Table 3 and Figure 2 (as notebooks 04 and 06 build them); with
+        ``methods`` and ``model_batch_size``, those of Appendix C."""
         return {m: soup_options(m, learned_lr=self.learned_lr, hyperplane_lr=self.hyperplane_lr,
                                 weight_decay=self.weight_decay, epochs=self.epochs,
-                                model_batch_size=self.model_batch_size) for m in self.methods}
+                                model_batch_size=model_batch_size or self.model_batch_size)
+                for m in (methods or self.methods)}
+
+    def resnet_zoo(self, seed: int) -> ZooConfig:
+        """The ResNet zoo recipe of notebook 09 with ``seed`` as its search, pre-training and split seed."""
+        return seed_zoo_config(seed, self.resnet_k, {
+            "model": ResNetConfig(width=self.resnet_width), "pretrain_epochs": self.resnet_pretrain_epochs,
+            "epoch_choices": self.resnet_epoch_choices, "max_eval": self.resnet_max_eval,
+            "max_pretrain": self.resnet_max_train, "max_finetune": self.resnet_max_train})
 
 
 def side_study_file(out_dir: str | os.PathLike, seed: int, study: str) -> Path:
@@ -97,15 +129,24 @@ def side_study_file(out_dir: str | os.PathLike, seed: int, study: str) -> Path:
 
 def run_side_study(out_dir: str | os.PathLike, seed: int, study: str,
                    settings: SideStudySettings = SideStudySettings(), device: str = "cpu") -> Path:
-    """Run one study on the zoo of one seed (``<out_dir>/seed_<seed>/zoo``, made by ``seed_study``), in this
-    process; returns the records file. Raises FileNotFoundError (naming the fix) when that zoo is missing."""
+    """Run one study on the zoo of one seed (``<out_dir>/seed_<seed>/zoo``, made by ``seed_study``; "resnet"
+    builds ``<out_dir>/seed_<seed>/zoo_resnet`` itself, on 1 thread as notebook 09 does), in this process;
+    returns the records file. Raises FileNotFoundError (naming the fix) when the seed's zoo is missing."""
     target = side_study_file(out_dir, seed, study)
     folder = seed_dir(out_dir, seed)
+    s = settings
+    if study == "resnet":
+        zoo = build_zoo(folder / "zoo_resnet", s.resnet_zoo(seed), progress=False, device=device, num_threads=1)
+        methods = list(s.resnet_methods)
+        records = run_methods(zoo.out_dir, target.parent, methods, isolate=False, progress=False,
+                              options=s.options(methods, s.resnet_model_batch_size),
+                              heldout_size=s.resnet_heldout_size, seed=seed, device=device)
+        write_csv(pd.DataFrame(records), target)
+        return target
     zoo_dir = folder / "zoo"
     if not (zoo_dir / "zoo.json").is_file():
         raise FileNotFoundError(f"{zoo_dir} holds no zoo: run seed_study (notebook 10) for seed {seed} first")
     k = len(open_zoo(zoo_dir).records)
-    s = settings
     common = {"batch_size": s.batch_size, "seed": seed, "device": device}
     if study == "top_models":
         counts = scaled_counts(list(s.eliminate), k, s.paper_models)
@@ -124,12 +165,12 @@ def run_side_study(out_dir: str | os.PathLike, seed: int, study: str,
     return target
 
 
-def _task(out_dir: str, seed: int, study: str, settings: dict[str, Any], device: str, threads: int) -> str:
+def _task(out_dir: str, seed: int, study: str, settings: SideStudySettings, device: str, threads: int) -> str:
     """One (seed, study) in a worker process with ``threads`` torch threads."""
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    return str(run_side_study(out_dir, seed, study, SideStudySettings(**settings), device))
+    return str(run_side_study(out_dir, seed, study, settings, device))
 
 
 def run_side_studies(out_dir: str | os.PathLike, seeds: Sequence[int], studies: Sequence[str] = tuple(SIDE_STUDIES),
@@ -151,13 +192,13 @@ def run_side_studies(out_dir: str | os.PathLike, seeds: Sequence[int], studies: 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     pairs = [(seed, study) for seed in seeds for study in studies]
-    missing = [zoo for zoo in dict.fromkeys(seed_dir(out_dir, s) / "zoo" for s, _ in pairs)
+    missing = [zoo for zoo in dict.fromkeys(seed_dir(out_dir, s) / "zoo" for s, st in pairs if st in _ON_SEED_ZOO)
                if not (zoo / "zoo.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no zoo in {', '.join(map(str, missing))}: run seed_study (notebook 10) first")
     todo = [(seed, study) for seed, study in pairs if not side_study_file(out_dir, seed, study).is_file()]
     # the longest studies first, so that the workers finish together
-    order = {"ablations": 0, "top_models": 1, "finetuning_cost": 2}
+    order = {"ablations": 0, "resnet": 1, "top_models": 2, "finetuning_cost": 3}
     todo.sort(key=lambda pair: order[pair[1]])
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="seed studies", disable=not progress)
     if jobs == 1 or len(todo) <= 1:
@@ -168,7 +209,7 @@ def run_side_studies(out_dir: str | os.PathLike, seeds: Sequence[int], studies: 
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(_task, str(out_dir), seed, study, asdict(settings), device, threads)
+            pending = {pool.submit(_task, str(out_dir), seed, study, settings, device, threads)
                        for seed, study in todo}
             try:
                 while pending:

@@ -31,11 +31,11 @@ def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: s
     centre = pool.center(device, torch.float32)
     centre = {key: centre[key] for key in layers.forward_keys}
     soup = {key: v.clone() for key, v in centre.items()}
-    ddtype = getattr(cfg, "direction_dtype", None) or torch.float32
+    ddtype = cfg.systems.direction_dtype or torch.float32
     stack = pool.load_stack(list(range(b)), device, ddtype, subtract=centre, keys=list(layers.mixed))
     w0 = torch.zeros(b, len(layers), device=device)
-    extra = {"autocast": cfg.autocast_dtype} if getattr(cfg, "autocast", None) else {}
-    return HyperplaneSpace(model, soup, stack, layers, w0, None, cfg.clip_grad_norm, **extra), w0
+    extra = {"autocast": cfg.systems.autocast_dtype} if cfg.systems.autocast else {}
+    return HyperplaneSpace(model, soup, stack, layers, w0, None, cfg.algorithm.clip_grad_norm, **extra), w0
 
 
 def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, device: str, b: int, batch_size: int,

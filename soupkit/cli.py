@@ -21,7 +21,6 @@ import glob
 import os
 import sys
 import warnings
-from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,7 +107,7 @@ def _zoo_error(zoo: str) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    options = sorted(f.name for f in fields(SoupConfig) if f.name not in _NOT_OPTIONS)
+    options = sorted(name for name in SoupConfig.option_names() if name not in _NOT_OPTIONS)
     p = OneLineArgumentParser(prog="python -m soupkit", description="Run one soup method on a pool of "
                 "checkpoints, in one process or on every rank of torchrun. On --zoo, with notebook 02's settings.",
                 epilog="Keys of --option (see soupkit.config.SoupConfig): " + ", ".join(options))

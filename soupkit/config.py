@@ -3,7 +3,7 @@
 Defaults equal the code each method was published with: model-soups' official code for the baselines
 (``main.py``: best, uniform, greedy, ensemble; ``learned_bylayer.py``: Learned-Soup), the paper's appendix B and
 its released code (``MEHL_soup_layer.py``) for HL/MEHL. Every departure is stated beside its option here and in
-:class:`SoupConfig`.
+its group of :class:`SoupConfig` (:class:`Algorithm`, :class:`Variant`, :class:`Systems`, :class:`Run`).
 
 =============  ====  ==  ===================  ========  =====  =====================================================
 method         lr    wd  inner iterations     schedule  warm   other
@@ -54,30 +54,32 @@ recenter=True, clip_grad_norm=1.0`` on the MEHL-Soup+ defaults; ``make_soup("meh
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-__all__ = ["SoupConfig", "LEARNED_DEFAULTS", "HYPERPLANE_DEFAULTS", "RELEASED_DEFAULTS", "with_options",
-           "MAIN_TABLE_SETTINGS", "Grouping"]
+__all__ = ["SoupConfig", "Algorithm", "Variant", "Systems", "Run", "LEARNED_DEFAULTS", "HYPERPLANE_DEFAULTS",
+           "RELEASED_DEFAULTS", "with_options", "MAIN_TABLE_SETTINGS", "Grouping"]
 
 # which tensors share a coefficient in the "+" methods (soupkit.engine.layers.layer_map): None = each parameter
 # tensor, "module" = the parameters of one module, or a callable name -> group label
 Grouping = Union[None, str, Callable[[str], str]]
 
 
+def _at_least_one(group: Any, names: Iterable[str]) -> None:
+    """Each of the options ``names`` of ``group`` is None (not set) or at least 1."""
+    for name in names:
+        value = getattr(group, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 @dataclass(frozen=True)
-class SoupConfig:
-    """Options of :func:`soupkit.make_soup`. Methods ignore options that do not apply to them.
+class Algorithm:
+    """The optimisation: what a learned soup minimises and how (the options that make its coefficients).
 
     Attributes:
-        device: where models, coefficients and batches live (``"cpu"``, ``"cuda:0"``...).
-        dtype: floating dtype the models are combined and run in.
-        progress: show tqdm progress bars.
-        seed: seeds the order of model blocks (MEHL) and the global torch RNG inside the run (e.g. a shuffling
-            held-out loader); the caller's RNG state is restored afterwards. Same seed, same machine: same
-            coefficients and accuracies.
         lr, weight_decay: AdamW settings for the coefficients. Learned-Soup(+): 0.05, 0 (model-soups'
             learned_bylayer.py); HL/MEHL(+): 0.01, 0 (paper appendix B, released code).
         epochs: passes over the held-out loader per block of models (inner loop length); 5 for every learned
@@ -101,49 +103,12 @@ class SoupConfig:
         logit_scale: Learned-Soup also learns a scalar multiplying the logits (as model-soups does; default
             True for Learned-Soup(+), unused by the others).
         layer_grouping: which parameter tensors share a coefficient in the "+" methods (see ``layers.py``).
-        decentralize: directions θ_i − θ̄ (paper, default) or θ_i themselves (appendix D ablation; then the
-            weights start at 1/K and need not sum to one).
-        normalize_directions: divide each direction by its per-layer norm (released code's variant; default
-            False = the paper's Algorithm 1, True for ``"mehl+released"``).
-        recenter: use the current soup as the centre of each new block (released code's variant; the first
-            block is centred on its own mean; default False = centre θ̄ of all K, True for
-            ``"mehl+released"``); needs ``decentralize``. (``soupkit.methods.hyperplane.centre_policy`` turns
-            these two options and ``normalize_directions`` into the outer loop's policy object.)
-        prefetch: read the next block of models on a background thread while the current one trains (on CUDA
-            staged in pinned host memory and copied in one non-blocking transfer).
-        direction_dtype: dtype the HL/MEHL directions are stored in (None: ``dtype``); ``torch.bfloat16`` or
-            ``torch.float16`` (or "bf16"/"fp16") halve the b resident directions, products accumulate in
-            float32. The directions θ_i − θ̄ are formed in ``dtype`` and rounded once; meant for decentralised
-            directions (with ``decentralize=False`` the models themselves would be rounded).
-        autocast: run the learned soups' forward passes under ``torch.autocast`` in "bf16" or "fp16" (None:
-            off); the soup, its gradient and the coefficients stay in ``dtype``. fp16 has no loss scaling.
-        sync_every: learned soups read the loss and check for NaN/Inf (and, on accelerators, label ranges)
-            every this many inner steps instead of every step (no per-step device sync); a divergence is
-            still reported with the step it started at. 1 = every step.
         ties: greedy soup's rule for a candidate with held-out accuracy equal to the soup's:
             ``"reject"`` (default, model-soups: strict improvement) or ``"accept"``. (The ORDER in which
             greedy tries the models is model-soups' and not an option: by held-out accuracy, highest first,
             the higher index first among equal accuracies.)
-        select_loader: optional held-out part used for early stopping: the coefficients with the best
-            accuracy on it (checked every ``eval_every`` steps and at the end of each block) are kept.
-        eval_every: steps between early-stopping checks.
-        run_dir: HL/MEHL checkpoint their state here after every outer iteration and write the result at the end;
-            run again with the same arguments, they resume (see ``soupkit/methods/run_dir.py``). None: no checkpoints.
-        check_basin: learned soups warn (``SharedBasinWarning``) when the models do not look like fine-tunes
-            of one pretrained model (``checks.check_shared_basin``; free after the centre pass).
-        parallel: spread a learned soup over the ranks of the initialised ``torch.distributed`` process group
-            (every rank calls ``make_soup`` with the same arguments): ``"data"`` (each rank a part of every
-            batch; all learned soups) or ``"model"`` (each rank a part of each block's models; HL/MEHL).
-            None: this process alone. See ``soupkit/runtime/distributed.py``; other methods run whole on every rank.
-        memory_cap_mb: stop the method (``memory.MemoryCapExceeded``) once it uses more than this many MB above
-            the level at its start -- the quantity ``peak_memory_bytes`` reports; stands for a smaller machine
-            (the paper's ">256GB"). On CPU the run must be on the main thread. None: no cap.
     """
 
-    device: Any = "cpu"
-    dtype: torch.dtype = torch.float32
-    progress: bool = True
-    seed: int = 0
     lr: float = 0.01
     weight_decay: float = 0.0
     epochs: float = 5.0
@@ -156,20 +121,7 @@ class SoupConfig:
     clip_grad_norm: Optional[float] = None
     logit_scale: bool = False
     layer_grouping: Grouping = None
-    decentralize: bool = True
-    normalize_directions: bool = False
-    recenter: bool = False
-    prefetch: bool = False
-    direction_dtype: Optional[torch.dtype] = None
-    autocast: Optional[str] = None
-    sync_every: int = 25
     ties: str = "reject"
-    select_loader: Optional[Iterable] = None
-    eval_every: int = 50
-    run_dir: Optional[Union[str, os.PathLike]] = None
-    check_basin: bool = True
-    parallel: Optional[str] = None
-    memory_cap_mb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0:
@@ -180,6 +132,73 @@ class SoupConfig:
             raise ValueError(f"warmup is a fraction in [0, 1), got {self.warmup}")
         if self.ties not in ("reject", "accept"):
             raise ValueError(f"ties must be 'reject' or 'accept', got {self.ties!r}")
+        _at_least_one(self, ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size"))
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which HL/MEHL variant: the directions and their centre (the paper's Algorithm 1 by default).
+
+    Attributes:
+        decentralize: directions θ_i − θ̄ (paper, default) or θ_i themselves (appendix D ablation; then the
+            weights start at 1/K and need not sum to one).
+        normalize_directions: divide each direction by its per-layer norm (released code's variant; default
+            False = the paper's Algorithm 1, True for ``"mehl+released"``).
+        recenter: use the current soup as the centre of each new block (released code's variant; the first
+            block is centred on its own mean; default False = centre θ̄ of all K, True for
+            ``"mehl+released"``); needs ``decentralize``. (``soupkit.methods.hyperplane.centre_policy`` turns
+            these two options and ``normalize_directions`` into the outer loop's policy object.)
+    """
+
+    decentralize: bool = True
+    normalize_directions: bool = False
+    recenter: bool = False
+
+    def __post_init__(self) -> None:
+        if self.recenter and not self.decentralize:
+            raise ValueError("recenter=True takes the directions θ_i − soup (decentralised); it cannot be combined "
+                             "with decentralize=False")
+
+
+@dataclass(frozen=True)
+class Systems:
+    """How a soup runs: devices, precision, overlap with reading, ranks, memory.
+
+    Attributes:
+        device: where models, coefficients and batches live (``"cpu"``, ``"cuda:0"``...).
+        dtype: floating dtype the models are combined and run in.
+        prefetch: read the next block of models on a background thread while the current one trains (on CUDA
+            staged in pinned host memory and copied in one non-blocking transfer).
+        direction_dtype: dtype the HL/MEHL directions are stored in (None: ``dtype``); ``torch.bfloat16`` or
+            ``torch.float16`` (or "bf16"/"fp16") halve the b resident directions, products accumulate in
+            float32. The directions θ_i − θ̄ are formed in ``dtype`` and rounded once; meant for decentralised
+            directions (with ``decentralize=False`` the models themselves would be rounded).
+        autocast: run the learned soups' forward passes under ``torch.autocast`` in "bf16" or "fp16" (None:
+            off); the soup, its gradient and the coefficients stay in ``dtype``. fp16 has no loss scaling.
+        sync_every: learned soups read the loss and check for NaN/Inf (and, on accelerators, label ranges)
+            every this many inner steps instead of every step (no per-step device sync); a divergence is
+            still reported with the step it started at. 1 = every step.
+        parallel: spread a learned soup over the ranks of the initialised ``torch.distributed`` process group
+            (every rank calls ``make_soup`` with the same arguments): ``"data"`` (each rank a part of every
+            batch; all learned soups) or ``"model"`` (each rank a part of each block's models; HL/MEHL).
+            None: this process alone. See ``soupkit/runtime/distributed.py``; other methods run whole on every rank.
+        memory_cap_mb: stop the method (``memory.MemoryCapExceeded``) once it uses more than this many MB above
+            the level at its start -- the quantity ``peak_memory_bytes`` reports; stands for a smaller machine
+            (the paper's ">256GB"). On CPU the run must be on the main thread. None: no cap.
+    """
+
+    device: Any = "cpu"
+    dtype: torch.dtype = torch.float32
+    prefetch: bool = False
+    direction_dtype: Optional[torch.dtype] = None
+    autocast: Optional[str] = None
+    sync_every: int = 25
+    parallel: Optional[str] = None
+    memory_cap_mb: Optional[float] = None
+
+    def __post_init__(self) -> None:
         if isinstance(self.direction_dtype, str):
             object.__setattr__(self, "direction_dtype", _dtype(self.direction_dtype, "direction_dtype"))
         if self.direction_dtype is not None and not (isinstance(self.direction_dtype, torch.dtype)
@@ -187,24 +206,101 @@ class SoupConfig:
             raise ValueError(f"direction_dtype must be a floating torch dtype, got {self.direction_dtype!r}")
         if self.autocast not in (None, *_AUTOCAST):
             raise ValueError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {self.autocast!r}")
-        for name in ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size", "eval_every",
-                     "sync_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        _at_least_one(self, ("sync_every",))
         if self.parallel not in (None, "data", "model"):
             raise ValueError(f"parallel must be 'data', 'model' or None, got {self.parallel!r}")
-        if self.recenter and not self.decentralize:
-            raise ValueError("recenter=True takes the directions θ_i − soup (decentralised); it cannot be combined "
-                             "with decentralize=False")
-
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
         """``autocast`` as a torch dtype (None when off)."""
         return _AUTOCAST[self.autocast] if self.autocast is not None else None
+
+
+@dataclass(frozen=True)
+class Run:
+    """The harness around a soup: seeding, progress, early stopping, checkpoints, checks.
+
+    Attributes:
+        progress: show tqdm progress bars.
+        seed: seeds the order of model blocks (MEHL) and the global torch RNG inside the run (e.g. a shuffling
+            held-out loader); the caller's RNG state is restored afterwards. Same seed, same machine: same
+            coefficients and accuracies.
+        select_loader: optional held-out part used for early stopping: the coefficients with the best
+            accuracy on it (checked every ``eval_every`` steps and at the end of each block) are kept.
+        eval_every: steps between early-stopping checks.
+        run_dir: HL/MEHL checkpoint their state here after every outer iteration and write the result at the end;
+            run again with the same arguments, they resume (see ``soupkit/methods/run_dir.py``). None: no checkpoints.
+        check_basin: learned soups warn (``SharedBasinWarning``) when the models do not look like fine-tunes
+            of one pretrained model (``checks.check_shared_basin``; free after the centre pass).
+    """
+
+    progress: bool = True
+    seed: int = 0
+    select_loader: Optional[Iterable] = None
+    eval_every: int = 50
+    run_dir: Optional[Union[str, os.PathLike]] = None
+    check_basin: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, ("eval_every",))
+
+
+# the groups by their field name in SoupConfig, and each flat option name's group (make_soup, the CLI and
+# run.json speak flat options; the code reads them from their group)
+_GROUPS: dict[str, type] = {"algorithm": Algorithm, "variant": Variant, "systems": Systems, "run": Run}
+_GROUP_OF: dict[str, str] = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """Options of :func:`soupkit.make_soup`, in four groups. Methods ignore options that do not apply to them.
+
+    Callers give the options flat (``make_soup(..., lr=0.01, device="cuda")``, :func:`with_options`, the CLI's
+    ``--option``); :meth:`option_names`, :meth:`from_options` and :meth:`options` route them to their group
+    and back, so that nothing outside this module needs to know which group holds an option.
+
+    Attributes:
+        algorithm: the optimisation (:class:`Algorithm`).
+        variant: the HL/MEHL variant (:class:`Variant`).
+        systems: devices, precision, ranks, memory (:class:`Systems`).
+        run: seeding, progress, early stopping, checkpoints (:class:`Run`).
+    """
+
+    algorithm: Algorithm = field(default_factory=Algorithm)
+    variant: Variant = field(default_factory=Variant)
+    systems: Systems = field(default_factory=Systems)
+    run: Run = field(default_factory=Run)
+
+    def __post_init__(self) -> None:
+        for name, group in _GROUPS.items():
+            value = getattr(self, name)
+            if not isinstance(value, group):
+                raise TypeError(f"SoupConfig.{name} must be of type {group.__name__}, got {type(value).__name__}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Every flat option name, group by group."""
+        return tuple(_GROUP_OF)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SoupConfig:
+        """The default options with the flat ``options`` applied; unknown options raise TypeError."""
+        return _apply(cls(), options, "SoupConfig")
+
+    def options(self) -> dict[str, Any]:
+        """The options flat, ``{name: value}`` (``from_options(**cfg.options()) == cfg``)."""
+        return {name: getattr(getattr(self, group), name) for name, group in _GROUP_OF.items()}
+
+
+def _apply(cfg: SoupConfig, options: dict[str, Any], where: str) -> SoupConfig:
+    """``cfg`` with flat ``options`` applied, each in its group (validated again); unknown ones raise TypeError."""
+    unknown = sorted(set(options) - set(_GROUP_OF))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for {where}; valid: {sorted(_GROUP_OF)}")
+    by_group: dict[str, dict[str, Any]] = {}
+    for name, value in options.items():
+        by_group.setdefault(_GROUP_OF[name], {})[name] = value
+    return replace(cfg, **{group: replace(getattr(cfg, group), **values) for group, values in by_group.items()})
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,23 +314,21 @@ def _dtype(name: str, option: str) -> torch.dtype:
     return found
 
 
+def with_options(defaults: SoupConfig, name: str, **options: Any) -> SoupConfig:
+    """``defaults`` (of method ``name``) with the flat ``options`` applied; unknown options raise TypeError."""
+    return _apply(defaults, options, f"make_soup({name!r})")
+
+
 # The published defaults, one option set per kind of method (soupkit.methods.registry gives each method its own):
 # model-soups' learned_bylayer.py: AdamW lr 0.05, wd 0, 5 epochs, constant lr (no warm-up), learned logit scale
-LEARNED_DEFAULTS = SoupConfig(lr=0.05, weight_decay=0.0, epochs=5.0, schedule="constant", warmup=0.0,
-                              logit_scale=True)
+LEARNED_DEFAULTS = SoupConfig(algorithm=Algorithm(lr=0.05, weight_decay=0.0, epochs=5.0, schedule="constant",
+                                                  warmup=0.0, logit_scale=True))
 # paper appendix B / released MEHL code: AdamW lr 0.01, wd 0, 5 epochs per block, cosine with 20 % warm-up
-HYPERPLANE_DEFAULTS = SoupConfig(lr=0.01, weight_decay=0.0, epochs=5.0, schedule="cosine", warmup=0.2)
+HYPERPLANE_DEFAULTS = SoupConfig(algorithm=Algorithm(lr=0.01, weight_decay=0.0, epochs=5.0, schedule="cosine",
+                                                     warmup=0.2))
 # the released MEHL-Soup+ code (MEHL_soup_layer.py); described in full in the module docstring
-RELEASED_DEFAULTS = replace(HYPERPLANE_DEFAULTS, normalize_directions=True, recenter=True, clip_grad_norm=1.0)
-
-
-def with_options(defaults: SoupConfig, name: str, **options: Any) -> SoupConfig:
-    """``defaults`` (of method ``name``) with ``options`` applied; unknown options raise TypeError."""
-    valid = {f.name for f in fields(SoupConfig)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for make_soup({name!r}); valid: {sorted(valid)}")
-    return replace(defaults, **options)
+RELEASED_DEFAULTS = with_options(HYPERPLANE_DEFAULTS, "mehl+released", normalize_directions=True, recenter=True,
+                                 clip_grad_norm=1.0)
 
 
 # Notebook 02's settings at the embedded scale (its parameters cell holds the same literals: papermill reads only
@@ -242,6 +336,7 @@ def with_options(defaults: SoupConfig, name: str, **options: Any) -> SoupConfig:
 # soupkit.experiments.run.main_table_options, so one method on one zoo gives one soup in the notebook and on the command line.
 MAIN_TABLE_SETTINGS: dict[str, Any] = {
     "heldout_size": 2000, "select_fraction": 0.0, "batch_size": 128, "eval_batch_size": 500, "seed": 0,
-    "model_batch_size": 8, "learned_lr": LEARNED_DEFAULTS.lr, "hyperplane_lr": HYPERPLANE_DEFAULTS.lr,
-    "weight_decay": HYPERPLANE_DEFAULTS.weight_decay, "epochs": HYPERPLANE_DEFAULTS.epochs,
+    "model_batch_size": 8, "learned_lr": LEARNED_DEFAULTS.algorithm.lr,
+    "hyperplane_lr": HYPERPLANE_DEFAULTS.algorithm.lr,
+    "weight_decay": HYPERPLANE_DEFAULTS.algorithm.weight_decay, "epochs": HYPERPLANE_DEFAULTS.algorithm.epochs,
 }

@@ -270,21 +270,23 @@ def test_best_keeps_the_first_index_among_equal_accuracies():
 def test_learned_soup_defaults_are_model_soups():
     # learned_bylayer.py: AdamW lr 0.05, wd 0, 5 epochs, learned logit scale, constant lr (no warm-up)
     for name in ("learned", "learned+"):
-        cfg = soupkit.methods.registry.config_for(name)
-        assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.05, 0.0, 5.0)
-        assert cfg.schedule == "constant" and cfg.warmup == 0.0 and cfg.logit_scale
-        assert cfg.clip_grad_norm is None and cfg.batch_size is None
+        algo = soupkit.methods.registry.config_for(name).algorithm
+        assert (algo.lr, algo.weight_decay, algo.epochs) == (0.05, 0.0, 5.0)
+        assert algo.schedule == "constant" and algo.warmup == 0.0 and algo.logit_scale
+        assert algo.clip_grad_norm is None and algo.batch_size is None
     for name in ("hl", "hl+", "mehl", "mehl+"):  # the paper's / released code's: cosine with 20 % warm-up
         cfg = soupkit.methods.registry.config_for(name)
-        assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.schedule, cfg.warmup) == (0.01, 0.0, 5.0, "cosine", 0.2)
-        assert not (cfg.normalize_directions or cfg.recenter) and cfg.clip_grad_norm is None
+        algo = cfg.algorithm
+        assert (algo.lr, algo.weight_decay, algo.epochs, algo.schedule, algo.warmup) == (0.01, 0.0, 5.0, "cosine", 0.2)
+        assert not (cfg.variant.normalize_directions or cfg.variant.recenter) and algo.clip_grad_norm is None
 
 
 def test_mehl_released_defaults_are_the_released_option_set():
     cfg = soupkit.methods.registry.config_for("mehl+released")
     expected = soupkit.methods.registry.config_for("mehl+", normalize_directions=True, recenter=True, clip_grad_norm=1.0)
     assert cfg == expected
-    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.schedule, cfg.warmup) == (0.01, 0.0, 5.0, "cosine", 0.2)
+    algo = cfg.algorithm
+    assert (algo.lr, algo.weight_decay, algo.epochs, algo.schedule, algo.warmup) == (0.01, 0.0, 5.0, "cosine", 0.2)
     assert soupkit.METHODS["mehl+released"].resumable
 
 

@@ -199,9 +199,10 @@ def test_notebook_learning_defaults_are_the_library_defaults() -> None:
     from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
     from soupkit.experiments.runner import NOTEBOOKS, find_notebooks
 
-    want = {"learned_lr": LEARNED_DEFAULTS.lr, "hyperplane_lr": HYPERPLANE_DEFAULTS.lr,
-            "weight_decay": HYPERPLANE_DEFAULTS.weight_decay, "epochs": HYPERPLANE_DEFAULTS.epochs}
-    assert LEARNED_DEFAULTS.epochs == HYPERPLANE_DEFAULTS.epochs  # one `epochs` parameter serves both kinds
+    want = {"learned_lr": LEARNED_DEFAULTS.algorithm.lr, "hyperplane_lr": HYPERPLANE_DEFAULTS.algorithm.lr,
+            "weight_decay": HYPERPLANE_DEFAULTS.algorithm.weight_decay, "epochs": HYPERPLANE_DEFAULTS.algorithm.epochs}
+    # one `epochs` parameter serves both kinds
+    assert LEARNED_DEFAULTS.algorithm.epochs == HYPERPLANE_DEFAULTS.algorithm.epochs
     folder = find_notebooks(Path(__file__).parent)
     seen = 0
     for name in NOTEBOOKS:

@@ -26,11 +26,11 @@ def first_model(model, pool, loader, cfg) -> SoupResult:
     """The toy method: the soup is the pool's first model."""
     weights = torch.zeros(len(pool))
     weights[0] = 1.0
-    return SoupResult("first", pool.load(0, cfg.device, cfg.dtype), weights, stats={"epochs": 0})
+    return SoupResult("first", pool.load(0, cfg.systems.device, cfg.systems.dtype), weights, stats={"epochs": 0})
 
 
 TOY = Method(first_model, "the first model of the pool", "First model", "first", "first model", "tab:cyan", "X",
-             defaults=soupkit.SoupConfig(seed=7), table_row=1, legend_row=0, constructs=False)
+             defaults=soupkit.SoupConfig.from_options(seed=7), table_row=1, legend_row=0, constructs=False)
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_registered_method_runs_and_has_its_defaults(toy):
     result = soupkit.make_soup("first", model, states, batches(x, y), progress=False)
     assert torch.equal(result.coefficients, torch.tensor([1.0, 0.0, 0.0]))
     assert all(result.state_dict[k].equal(v) for k, v in states[0].items())
-    assert DEFAULTS["first"].seed == 7 and config_for("first", seed=3).seed == 3
+    assert DEFAULTS["first"].run.seed == 7 and config_for("first", seed=3).run.seed == 3
     assert "first" in soupkit.METHODS and DISPLAY["first"] == display_name("first") == "First model"
 
 

@@ -325,16 +325,17 @@ def optimise(space: "SimplexSpace | HyperplaneSpace", w_init: Tensor, batches: B
     """T = ``steps`` AdamW steps on ``w [m, L]`` (plus the space's extra parameters); returns the final ``w``.
 
     The host reads the losses (``history``, ``on_step``) and checks for NaN/Inf and bad labels every
-    ``cfg.sync_every`` steps, at early-stopping checks and at the end: no per-step device sync. A non-finite
-    loss or gradient raises :class:`DivergenceError` naming its step, at most ``sync_every`` steps later.
-    With ``cfg.select_loader`` the ``w`` with the best accuracy on it (checked every ``cfg.eval_every``
+    ``cfg.systems.sync_every`` steps, at early-stopping checks and at the end: no per-step device sync. A
+    non-finite loss or gradient raises :class:`DivergenceError` naming its step, at most ``sync_every`` steps later.
+    With ``cfg.run.select_loader`` the ``w`` with the best accuracy on it (checked every ``cfg.run.eval_every``
     steps and at the end) is returned instead of the last one.
     """
+    algo, run, sync_every = cfg.algorithm, cfg.run, cfg.systems.sync_every
     w = nn.Parameter(w_init.detach().clone())
-    opt = torch.optim.AdamW([w, *space.extra], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup, cfg.schedule))
+    opt = torch.optim.AdamW([w, *space.extra], lr=algo.lr, weight_decay=algo.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, algo.warmup, algo.schedule))
     best_acc, best_w = -1.0, w.detach().clone()
-    monitor = space.monitor = _Monitor(cfg.sync_every)
+    monitor = space.monitor = _Monitor(sync_every)
     try:
         with eval_mode(space.model):
             for step in range(steps):
@@ -346,16 +347,16 @@ def optimise(space: "SimplexSpace | HyperplaneSpace", w_init: Tensor, batches: B
                 monitor.record(loss, w.grad)
                 opt.step()
                 sched.step()
-                select = cfg.select_loader is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps)
-                if select or (step + 1) % cfg.sync_every == 0 or step + 1 == steps:
+                select = run.select_loader is not None and ((step + 1) % run.eval_every == 0 or step + 1 == steps)
+                if select or (step + 1) % sync_every == 0 or step + 1 == steps:
                     monitor.flush(history, on_step)
                 if select:
-                    acc = accuracy(*predict(space.model, space.state(w.detach()), cfg.select_loader, batches.device))
+                    acc = accuracy(*predict(space.model, space.state(w.detach()), run.select_loader, batches.device))
                     if acc > best_acc:
                         best_acc, best_w = acc, w.detach().clone()
     finally:
         space.monitor = None
-    out = best_w if cfg.select_loader is not None else w.detach()
+    out = best_w if run.select_loader is not None else w.detach()
     if not torch.isfinite(out).all():  # the last step is taken after the last finite loss
         raise DivergenceError("non-finite coefficients after the last inner step; no soup was written")
     return out

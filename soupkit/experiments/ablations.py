@@ -86,8 +86,8 @@ def ablation_grid(baseline: Setting, sweeps: Mapping[str, Sequence[Any]]) -> lis
 
 
 def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: Iterable[tuple[str, Any, Setting]],
-                  *, method: str = "mehl+", lr: float = HYPERPLANE_DEFAULTS.lr,
-                  weight_decay: float = HYPERPLANE_DEFAULTS.weight_decay,
+                  *, method: str = "mehl+", lr: float = HYPERPLANE_DEFAULTS.algorithm.lr,
+                  weight_decay: float = HYPERPLANE_DEFAULTS.algorithm.weight_decay,
                   **spec_fields: Any) -> pd.DataFrame:
     """Run every distinct setting of ``grid`` once (in this process) and tabulate the studies.
 

@@ -72,8 +72,10 @@ class RunSpec:
     device: str = "cpu"
 
 
-def soup_options(method: str, *, learned_lr: float = LEARNED_DEFAULTS.lr, hyperplane_lr: float = HYPERPLANE_DEFAULTS.lr,
-                 weight_decay: float = HYPERPLANE_DEFAULTS.weight_decay, epochs: float = HYPERPLANE_DEFAULTS.epochs,
+def soup_options(method: str, *, learned_lr: float = LEARNED_DEFAULTS.algorithm.lr,
+                 hyperplane_lr: float = HYPERPLANE_DEFAULTS.algorithm.lr,
+                 weight_decay: float = HYPERPLANE_DEFAULTS.algorithm.weight_decay,
+                 epochs: float = HYPERPLANE_DEFAULTS.algorithm.epochs,
                  model_batch_size: int | None = None,
                  **common: Any) -> dict[str, Any]:
     """``make_soup`` options for ``method`` from the scalar parameters notebooks expose."""

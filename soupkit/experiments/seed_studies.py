@@ -84,10 +84,10 @@ class SideStudySettings:
     ablation_heldout_size: int = 2000
     batch_size: int = 128
     model_batch_size: int = 8
-    learned_lr: float = LEARNED_DEFAULTS.lr
-    hyperplane_lr: float = HYPERPLANE_DEFAULTS.lr
-    weight_decay: float = HYPERPLANE_DEFAULTS.weight_decay
-    epochs: float = HYPERPLANE_DEFAULTS.epochs
+    learned_lr: float = LEARNED_DEFAULTS.algorithm.lr
+    hyperplane_lr: float = HYPERPLANE_DEFAULTS.algorithm.lr
+    weight_decay: float = HYPERPLANE_DEFAULTS.algorithm.weight_decay
+    epochs: float = HYPERPLANE_DEFAULTS.algorithm.epochs
     outer_passes: int = 1
     batch_sizes: tuple[int, ...] = (8, 32)
     pass_values: tuple[int, ...] = (1, 2)

@@ -5,8 +5,8 @@ at a time (block coordinate descent; HL: one block of all K), trained by the one
 The outer loop is one function (:func:`_hyperplane_blocks`); its variants are a small policy object
 (:func:`centre_policy`): :class:`FixedCentre` (the paper's; ``decentralize=False`` for Appendix D) or
 :class:`RecentredSoup` (the released code's ``recenter``), each with or without ``normalize_directions``. With
-``cfg.parallel`` it runs on every rank of a process group (``soupkit.runtime.distributed``): data parallel, or model
-parallel (a block's models split over the ranks).
+``cfg.systems.parallel`` it runs on every rank of a process group (``soupkit.runtime.distributed``): data parallel,
+or model parallel (a block's models split over the ranks).
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class RecentredSoup:
 
     def centre(self, pool: CheckpointPool, blocks: list[list[int]], full: StateDict | None,
                cfg: SoupConfig) -> StateDict:
-        return pool.center(cfg.device, cfg.dtype, indices=blocks[0])
+        return pool.center(cfg.systems.device, cfg.systems.dtype, indices=blocks[0])
 
     def initial_weights(self, k: int, n_layers: int, blocks: list[list[int]]) -> Tensor:
         weights = torch.zeros(k, n_layers)
@@ -122,9 +122,9 @@ class RecentredSoup:
 
 def centre_policy(cfg: SoupConfig) -> FixedCentre | RecentredSoup:
     """The variant ``cfg`` asks for (``recenter``, ``decentralize``, ``normalize_directions``)."""
-    if cfg.recenter:
-        return RecentredSoup(cfg.normalize_directions)
-    return FixedCentre(cfg.decentralize, cfg.normalize_directions)
+    if cfg.variant.recenter:
+        return RecentredSoup(cfg.variant.normalize_directions)
+    return FixedCentre(cfg.variant.decentralize, cfg.variant.normalize_directions)
 
 
 def _block_schedule(k: int, b: int, outer: int, blockwise: bool, seed: int) -> list[list[int]]:
@@ -145,26 +145,28 @@ def hyperplane_soup(model, pool, loader, cfg, layerwise: bool, blockwise: bool) 
     Resident: the centre θ̄, the soup and the b directions of the current block (b + 2 models; 2b + 2
     with ``prefetch``; the directions at half size with a 16-bit ``direction_dtype``); on CUDA the centre
     stays in host memory, where the directions are formed as they are read, so the GPU holds b + 1 models.
-    With ``parallel="model"`` a rank holds its b/N directions only. With ``cfg.run_dir``
+    With ``parallel="model"`` a rank holds its b/N directions only. With ``cfg.run.run_dir``
     the state is checkpointed after every block and resumed (in a process group rank 0 reads and writes
     it and hands the state it resumes from to the other ranks).
     """
     name = ("mehl" if blockwise else "hl") + ("+" if layerwise else "")
+    algo = cfg.algorithm
     k = len(pool)
     b = k
     if blockwise:
-        b = cfg.model_batch_size or math.ceil(k / 4)
+        b = algo.model_batch_size or math.ceil(k / 4)
         if b > k:
             warnings.warn(f"model_batch_size={b} > K={k}: using b = K", stacklevel=4)
             b = k
-    outer = cfg.outer_iterations or (math.ceil(k / b) if blockwise else 1)
-    blocks = _block_schedule(k, b, outer, blockwise, cfg.seed)
-    layers = layer_map(model, layerwise, cfg.layer_grouping)
-    comm = communicator(cfg.parallel)
-    batches = BatchStream(loader, cfg.device, cfg.batch_size, comm.data_shard if comm is not None else None)
+    outer = algo.outer_iterations or (math.ceil(k / b) if blockwise else 1)
+    blocks = _block_schedule(k, b, outer, blockwise, cfg.run.seed)
+    layers = layer_map(model, layerwise, algo.layer_grouping)
+    comm = communicator(cfg.systems.parallel)
+    batches = BatchStream(loader, cfg.systems.device, algo.batch_size,
+                          comm.data_shard if comm is not None else None)
     run = None
-    if cfg.run_dir is not None:  # locks the directory and refuses another run's state, before any reading
-        run = on_main(comm, lambda: RunDir(cfg.run_dir, describe_run(name, cfg, pool, layers, batches, blocks)))
+    if cfg.run.run_dir is not None:  # locks the directory and refuses another run's state, before any reading
+        run = on_main(comm, lambda: RunDir(cfg.run.run_dir, describe_run(name, cfg, pool, layers, batches, blocks)))
     with run if run is not None else nullcontext():
         return _hyperplane_blocks(name, model, pool, cfg, layers, batches, blocks, b, run, comm)
 
@@ -197,17 +199,18 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
                        batches: BatchStream, blocks: list[list[int]], b: int, run: RunDir | None,
                        comm: Communicator | None) -> SoupResult:
     """The outer loop of :func:`hyperplane_soup`, from the saved state in ``run`` if there is one."""
+    systems = cfg.systems
     k, n_layers, layerwise = len(pool), len(layers), name.endswith("+")
     split = comm is not None and comm.mode == "model"  # this rank holds rows comm.rows(b) of each block
-    steps = cfg.inner_iterations or math.ceil(cfg.epochs * batches.batches_per_epoch)
+    steps = cfg.algorithm.inner_iterations or math.ceil(cfg.algorithm.epochs * batches.batches_per_epoch)
     keys = list(layers.mixed)
     policy = centre_policy(cfg)
 
     # one streamed pass before any training: the centre, and (in the pool) the NaN/Inf check and the norms of
     # every model, which the basin check and the resume check reuse
-    full = pool.center(cfg.device, cfg.dtype) if cfg.check_basin or policy.needs_mean_of_all else None
-    pool.check_values(cfg.device, cfg.dtype)  # a no-op after that pass; recenter without it reads block 0 only
-    basin = check_shared_basin(pool, full).mean_cosine if cfg.check_basin else None
+    full = pool.center(systems.device, systems.dtype) if cfg.run.check_basin or policy.needs_mean_of_all else None
+    pool.check_values(systems.device, systems.dtype)  # a no-op after that pass; recenter without it reads block 0 only
+    basin = check_shared_basin(pool, full).mean_cosine if cfg.run.check_basin else None
     centre = policy.centre(pool, blocks, full, cfg)
     del full
 
@@ -215,17 +218,17 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
     weights = policy.initial_weights(k, n_layers, blocks)
     centre = {key: centre[key] for key in layers.forward_keys}  # aliases of tied tensors are re-added at the end
     soup = policy.initial_soup(centre)
-    if soup is not centre and torch.device(cfg.device).type != "cpu":
+    if soup is not centre and torch.device(systems.device).type != "cpu":
         centre = {key: v.cpu() for key, v in centre.items()}  # only load_stack reads it: host memory is cheaper
     var = policy.initial_var(weights)
     history: list[float] = []
-    saved = _restore(run, pool, batches, cfg.device, comm) if cfg.run_dir is not None else None
+    saved = _restore(run, pool, batches, systems.device, comm) if cfg.run.run_dir is not None else None
     first = 0 if saved is None else saved.blocks_done
     if saved is not None:
         weights, var, soup, history = saved.weights, saved.var, saved.soup, saved.history
     pending = None
-    ddtype = cfg.direction_dtype or cfg.dtype
-    pinned = torch.device(cfg.device).type == "cuda"
+    ddtype = systems.direction_dtype or systems.dtype
+    pinned = torch.device(systems.device).type == "cuda"
     subtract = policy.subtract_as_read(centre)  # from every direction as it is read (a prefetched block too)
     with progress_bar(cfg, steps * len(blocks), name) as bar:
         bar.update(steps * first)
@@ -233,12 +236,12 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
             block = blocks[t]
             fresh = pending is None
             if fresh:
-                stack = pool.load_stack(_own(block, comm, split), cfg.device, ddtype,
+                stack = pool.load_stack(_own(block, comm, split), systems.device, ddtype,
                                         subtract=soup if policy.follows_soup else subtract, keys=keys)
             else:
                 stack = pending.result()
-            if cfg.prefetch and t + 1 < len(blocks):
-                pending = pool.prefetch_stack(_own(blocks[t + 1], comm, split), device=cfg.device, dtype=ddtype,
+            if systems.prefetch and t + 1 < len(blocks):
+                pending = pool.prefetch_stack(_own(blocks[t + 1], comm, split), device=systems.device, dtype=ddtype,
                                               subtract=subtract, keys=keys, pin_memory=pinned)
             else:
                 pending = None
@@ -247,9 +250,9 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
                     stack[key].sub_(soup[key])
             scale = _inverse_norms(stack, soup, layers, len(block), comm if split else None) \
                 if policy.normalize_directions else None
-            w0 = policy.block_start(var, block, n_layers).to(cfg.device)
-            space = HyperplaneSpace(model, soup, stack, layers, w0, scale, cfg.clip_grad_norm, comm,
-                                    autocast=cfg.autocast_dtype)
+            w0 = policy.block_start(var, block, n_layers).to(systems.device)
+            space = HyperplaneSpace(model, soup, stack, layers, w0, scale, cfg.algorithm.clip_grad_norm, comm,
+                                    autocast=systems.autocast_dtype)
             bar.set_postfix(block=f"{t + 1}/{len(blocks)}", b=len(block))
             try:
                 w = optimise(space, w0, batches, steps, cfg, history, lambda loss: bar.update(1))
@@ -263,10 +266,10 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
             weights[block] += step
             policy.keep(var, block, w)
             del stack, space
-            if cfg.run_dir is not None:
+            if cfg.run.run_dir is not None:
                 on_main(comm, lambda: run.save(RunState(t + 1, weights, var, soup, history), pool, batches))
     coefficients = weights if layerwise else weights[:, 0]
-    resumed = {"resumed_from_block": first} if cfg.run_dir is not None else {}
+    resumed = {"resumed_from_block": first} if cfg.run.run_dir is not None else {}
     return SoupResult(name, layers.complete(soup), coefficients, list(layers.names) if layerwise else None,
                       history=history, params={policy.param_name: var},
                       stats={"epochs": batches.epochs, "inner_iterations": steps, "outer_iterations": len(blocks),

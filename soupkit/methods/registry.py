@@ -35,10 +35,10 @@ __all__ = ["Method", "METHODS", "DEFAULTS", "DISPLAY", "register", "config_for",
 # ---- baselines --------------------------------------------------------------------------------------------
 def _accuracies(model: nn.Module, pool: CheckpointPool, loader: Iterable, cfg: SoupConfig) -> list[float]:
     """Held-out accuracy of every model, read one at a time."""
-    accs = []
-    for i in tqdm(range(len(pool)), desc="held-out accuracy", disable=not cfg.progress):
-        state = pool.load(i, cfg.device, cfg.dtype)
-        accs.append(accuracy(*predict(model, state, loader, cfg.device)))
+    accs, device, dtype = [], cfg.systems.device, cfg.systems.dtype
+    for i in tqdm(range(len(pool)), desc="held-out accuracy", disable=not cfg.run.progress):
+        state = pool.load(i, device, dtype)
+        accs.append(accuracy(*predict(model, state, loader, device)))
         del state  # before the next load: one model resident
     return accs
 
@@ -56,15 +56,15 @@ def best_model(model, pool, loader, cfg) -> SoupResult:
     """
     accs = _accuracies(model, pool, loader, cfg)
     i = max(range(len(accs)), key=lambda j: (accs[j], -j))
-    state = {k: v.clone() for k, v in pool.load(i, cfg.device, cfg.dtype).items()}
+    state = {k: v.clone() for k, v in pool.load(i, cfg.systems.device, cfg.systems.dtype).items()}
     return SoupResult("best", state, _one_hot(len(pool), i),
                       stats={"epochs": len(pool), "heldout_accuracies": accs, "chosen": [i]}, history=accs)
 
 
 def uniform_soup(model, pool, loader, cfg) -> SoupResult:
     """The mean of all K models (streamed)."""
-    return SoupResult("uniform", pool.center(cfg.device, cfg.dtype), torch.full((len(pool),), 1 / len(pool)),
-                      stats={"epochs": 0})
+    return SoupResult("uniform", pool.center(cfg.systems.device, cfg.systems.dtype),
+                      torch.full((len(pool),), 1 / len(pool)), stats={"epochs": 0})
 
 
 def greedy_soup(model, pool, loader, cfg) -> SoupResult:
@@ -72,21 +72,22 @@ def greedy_soup(model, pool, loader, cfg) -> SoupResult:
 
     The order is model-soups' (``main.py``: sort by held-out accuracy ascending, then reverse): highest accuracy
     first and, among equal accuracies, the HIGHER index first. The first model starts the soup; each next one
-    is kept only if the running average's held-out accuracy strictly improves (``cfg.ties="reject"``, the
-    original; ``"accept"`` also keeps it on equality).
+    is kept only if the running average's held-out accuracy strictly improves (``cfg.algorithm.ties="reject"``,
+    the original; ``"accept"`` also keeps it on equality).
     """
     accs = _accuracies(model, pool, loader, cfg)
+    device, dtype = cfg.systems.device, cfg.systems.dtype
     order = sorted(range(len(pool)), key=lambda j: (-accs[j], -j))
     # running sum of the chosen models; a copy, as the pool may hand out the caller's own tensors
-    total = {k: v.clone() for k, v in pool.load(order[0], cfg.device, cfg.dtype).items()}
+    total = {k: v.clone() for k, v in pool.load(order[0], device, dtype).items()}
     chosen, soup_acc, history = [order[0]], accs[order[0]], [accs[order[0]]]
-    for i in tqdm(order[1:], desc="greedy soup", disable=not cfg.progress):
-        state = pool.load(i, cfg.device, cfg.dtype)
+    for i in tqdm(order[1:], desc="greedy soup", disable=not cfg.run.progress):
+        state = pool.load(i, device, dtype)
         n = len(chosen) + 1
         candidate = {k: (v + state[k]) / n if v.is_floating_point() else v for k, v in total.items()}
-        acc = accuracy(*predict(model, candidate, loader, cfg.device))
+        acc = accuracy(*predict(model, candidate, loader, device))
         history.append(acc)
-        if acc > soup_acc or (cfg.ties == "accept" and acc == soup_acc):
+        if acc > soup_acc or (cfg.algorithm.ties == "accept" and acc == soup_acc):
             for k, v in total.items():
                 if v.is_floating_point():
                     v.add_(state[k])
@@ -119,7 +120,7 @@ class Method:
         colour: the family's colour in every figure (a matplotlib colour).
         marker, linestyle: tell a family's variants apart (plain: square, dashed; "+": circle, solid).
         learned: learns coefficients on the held-out set (a select split can stop it early).
-        defaults: its :class:`SoupConfig` (the published settings); ``make_soup``'s options replace fields.
+        defaults: its :class:`SoupConfig` (the published settings); ``make_soup``'s (flat) options replace its values.
         table_row: its place in the tables (the paper's order; ties keep registration order).
         legend_row: its family's place in figure legends.
         constructs: builds a soup worth timing (the paper gives no construction time for best, uniform and
@@ -250,14 +251,15 @@ def display_name(name: str) -> str:
 
 def _preflight(model: nn.Module, pool: CheckpointPool, loader: Iterable, cfg: SoupConfig, method: Method) -> None:
     """The checks that would otherwise fail late: held-out batches that the head cannot score, NaN/Inf weights."""
+    device, dtype = cfg.systems.device, cfg.systems.dtype
     if method.uses_data:
-        state = pool.load(0, cfg.device, cfg.dtype)
-        check_heldout(model, state, loader, cfg.device)
-        if cfg.select_loader is not None:
-            check_heldout(model, state, cfg.select_loader, cfg.device, what="select_loader")
+        state = pool.load(0, device, dtype)
+        check_heldout(model, state, loader, device)
+        if cfg.run.select_loader is not None:
+            check_heldout(model, state, cfg.run.select_loader, device, what="select_loader")
         del state
     if not method.reads_all_first:
-        pool.check_values(cfg.device, cfg.dtype)
+        pool.check_values(device, dtype)
 
 
 _WARM: set[str] = set()
@@ -291,9 +293,10 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
         model: a module of the architecture (its weights are not used).
         pool: a :class:`CheckpointPool` (or anything it accepts as sources).
         val_loader: re-iterable ``(inputs, labels)`` batches of the held-out split.
-        **options: fields of :class:`soupkit.config.SoupConfig`. With ``parallel``, every rank of the process
-            group calls ``make_soup`` with the same arguments; all get the same result, rank 0 writes
-            ``run_dir``, and ``stats`` gains each rank's peak memory, time and resident models.
+        **options: options of :class:`soupkit.config.SoupConfig`, flat (``SoupConfig.option_names()``). With
+            ``parallel``, every rank of the process group calls ``make_soup`` with the same arguments; all get
+            the same result, rank 0 writes ``run_dir``, and ``stats`` gains each rank's peak memory, time and
+            resident models.
 
     Raises:
         CheckpointError, DataError, DivergenceError, ResumeError (all :class:`soupkit.errors.SoupkitError`);
@@ -304,31 +307,32 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
     if not isinstance(pool, CheckpointPool):
         pool = CheckpointPool(pool)
     pool.check_model(model)
-    if cfg.run_dir is not None and not method.resumable:
+    if cfg.run.run_dir is not None and not method.resumable:
         warnings.warn(f"run_dir is used by HL/MEHL only; {name!r} ignores it", stacklevel=2)
-    comm = communicator(cfg.parallel)
+    comm = communicator(cfg.systems.parallel)
     if comm is not None and not comm.is_main:
-        cfg = replace(cfg, progress=False)  # one progress bar per job
-    with forked_rng(cfg.device) as seed:
+        cfg = replace(cfg, run=replace(cfg.run, progress=False))  # one progress bar per job
+    device, cap_mb = cfg.systems.device, cfg.systems.memory_cap_mb
+    with forked_rng(device) as seed:
         _preflight(model, pool, val_loader, cfg, method)
-        _warm_up_optimizer(cfg.device)
-        seed(cfg.seed)  # after the checks, so that they do not move the run's random stream
+        _warm_up_optimizer(device)
+        seed(cfg.run.seed)  # after the checks, so that they do not move the run's random stream
         start = time.perf_counter()
         pool.max_resident = pool.resident  # count the fine-tuned models this run holds at once
-        cap = MemoryCap(int(cfg.memory_cap_mb * 2**20), cfg.device) if cfg.memory_cap_mb else nullcontext()
-        with PeakMemory(cfg.device) as meter, cap:  # the cap measures what peak_memory_bytes reports
+        cap = MemoryCap(int(cap_mb * 2**20), device) if cap_mb else nullcontext()
+        with PeakMemory(device) as meter, cap:  # the cap measures what peak_memory_bytes reports
             result = method.fn(model, pool, val_loader, cfg)
         seconds = time.perf_counter() - start
     epochs = result.stats.get("epochs", 0)
     result.stats.update(seconds_total=seconds, seconds_per_epoch=seconds / epochs if epochs else None,
                         peak_memory_bytes=meter.peak_bytes, memory_source=meter.source,
-                        device=str(cfg.device), num_models=len(pool), max_resident_models=pool.max_resident)
+                        device=str(device), num_models=len(pool), max_resident_models=pool.max_resident)
     if comm is not None:  # the rank's own numbers above; every rank's here
         per_rank = comm.gather((meter.peak_bytes, pool.max_resident, seconds))
-        result.stats.update(parallel=cfg.parallel, world_size=comm.world_size,
+        result.stats.update(parallel=cfg.systems.parallel, world_size=comm.world_size,
                             peak_memory_bytes_per_rank=[p for p, _, _ in per_rank],
                             max_resident_models_per_rank=[m for _, m, _ in per_rank],
                             seconds_total_per_rank=[t for _, _, t in per_rank])
-    if cfg.run_dir is not None and method.resumable and (comm is None or comm.is_main):
-        result.save(Path(cfg.run_dir) / "result")
+    if cfg.run.run_dir is not None and method.resumable and (comm is None or comm.is_main):
+        result.save(Path(cfg.run.run_dir) / "result")
     return result

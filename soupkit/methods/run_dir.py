@@ -20,7 +20,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -102,7 +102,7 @@ def describe_run(method: str, cfg: SoupConfig, pool: CheckpointPool, layers: "La
     layout = json.dumps([[k, list(s.shape), str(s.dtype)] for k, s in pool.spec.items()])
     manifest = {
         "format": 1, "method": method, "models": models,
-        "options": {f.name: _jsonable(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in _FREE_OPTIONS},
+        "options": {k: _jsonable(v) for k, v in cfg.options().items() if k not in _FREE_OPTIONS},  # flat, as before
         "tensors": hashlib.sha256(layout.encode()).hexdigest()[:16], "layers": list(layers.names),
         "heldout": {"examples": batches.examples_per_epoch, "batches": batches.batches_per_epoch},
         "blocks": [list(b) for b in blocks],

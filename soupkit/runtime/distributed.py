@@ -1,4 +1,4 @@
-"""Learned soups over the N ranks of a ``torch.distributed`` process group (``SoupConfig.parallel``).
+"""Learned soups over the N ranks of a ``torch.distributed`` process group (``Systems.parallel``).
 
 Every rank runs the same loop (``soupkit.engine.loop.optimise``) on the same coefficients; the spaces reduce what differs
 between ranks once per step, so all ranks take identical AdamW steps and end with identical coefficients.

@@ -59,6 +59,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from soupkit.errors import OptionError, UnknownOptionError
+
 __all__ = ["SoupConfig", "Algorithm", "Variant", "Systems", "Run", "LEARNED_DEFAULTS", "HYPERPLANE_DEFAULTS",
            "RELEASED_DEFAULTS", "with_options", "MAIN_TABLE_SETTINGS", "Grouping"]
 
@@ -72,7 +74,7 @@ def _at_least_one(group: Any, names: Iterable[str]) -> None:
     for name in names:
         value = getattr(group, name)
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise OptionError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,16 @@ class Algorithm:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+            raise OptionError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+            raise OptionError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup is a fraction in [0, 1), got {self.warmup}")
+            raise OptionError(f"warmup is a fraction in [0, 1), got {self.warmup}")
         if self.ties not in ("reject", "accept"):
-            raise ValueError(f"ties must be 'reject' or 'accept', got {self.ties!r}")
+            raise OptionError(f"ties must be 'reject' or 'accept', got {self.ties!r}")
         _at_least_one(self, ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size"))
         if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise OptionError(f"epochs must be > 0, got {self.epochs}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class Variant:
 
     def __post_init__(self) -> None:
         if self.recenter and not self.decentralize:
-            raise ValueError("recenter=True takes the directions θ_i − soup (decentralised); it cannot be combined "
+            raise OptionError("recenter=True takes the directions θ_i − soup (decentralised); it cannot be combined "
                              "with decentralize=False")
 
 
@@ -203,12 +205,12 @@ class Systems:
             object.__setattr__(self, "direction_dtype", _dtype(self.direction_dtype, "direction_dtype"))
         if self.direction_dtype is not None and not (isinstance(self.direction_dtype, torch.dtype)
                                                      and self.direction_dtype.is_floating_point):
-            raise ValueError(f"direction_dtype must be a floating torch dtype, got {self.direction_dtype!r}")
+            raise OptionError(f"direction_dtype must be a floating torch dtype, got {self.direction_dtype!r}")
         if self.autocast not in (None, *_AUTOCAST):
-            raise ValueError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {self.autocast!r}")
+            raise OptionError(f"autocast must be None or one of {sorted(_AUTOCAST)}, got {self.autocast!r}")
         _at_least_one(self, ("sync_every",))
         if self.parallel not in (None, "data", "model"):
-            raise ValueError(f"parallel must be 'data', 'model' or None, got {self.parallel!r}")
+            raise OptionError(f"parallel must be 'data', 'model' or None, got {self.parallel!r}")
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
@@ -296,7 +298,7 @@ def _apply(cfg: SoupConfig, options: dict[str, Any], where: str) -> SoupConfig:
     """``cfg`` with flat ``options`` applied, each in its group (validated again); unknown ones raise TypeError."""
     unknown = sorted(set(options) - set(_GROUP_OF))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for {where}; valid: {sorted(_GROUP_OF)}")
+        raise UnknownOptionError(f"unknown option(s) {unknown} for {where}; valid: {sorted(_GROUP_OF)}")
     by_group: dict[str, dict[str, Any]] = {}
     for name, value in options.items():
         by_group.setdefault(_GROUP_OF[name], {})[name] = value
@@ -310,7 +312,7 @@ def _dtype(name: str, option: str) -> torch.dtype:
     """``"bf16"``, ``"fp16"`` or a torch dtype's name (``"bfloat16"``) as the dtype."""
     found = _AUTOCAST.get(name.lower(), getattr(torch, name.lower(), None))
     if not isinstance(found, torch.dtype):
-        raise ValueError(f"{option}={name!r} is not a torch dtype (bfloat16, float16, float32, ...)")
+        raise OptionError(f"{option}={name!r} is not a torch dtype (bfloat16, float16, float32, ...)")
     return found
 
 

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
            "ParameterError", "MissingInputError", "CheckpointLayoutError", "ZooMismatchError", "DownloadError",
-           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError"]
+           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError", "OptionError", "UnknownOptionError"]
 
 
 class SoupkitError(Exception):
@@ -77,6 +77,16 @@ class MemoryCapExceeded(SoupkitError, MemoryError):
 
 class PlanError(SoupkitError, ValueError):
     """An argument the planner cannot use (unknown method, K < 1, a missing zoo, ...); the message says which."""
+
+
+class OptionError(SoupkitError, ValueError):
+    """An option of ``make_soup`` (a field of ``soupkit.config.SoupConfig``) has a value it cannot take, or the
+    soup method is not registered: the message names the option and what it accepts."""
+
+
+class UnknownOptionError(SoupkitError, TypeError):
+    """``make_soup`` (or ``with_options``) got an option no group of ``SoupConfig`` has: the message lists the
+    valid names. A TypeError, as for an unexpected keyword argument."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -118,10 +118,24 @@ BAD_VALUES = [  # (group, options, what the message says)
 def test_a_bad_value_raises_value_error_in_its_group(group, options, message):
     with pytest.raises(ValueError, match=message):
         group(**options)
+    with pytest.raises(soupkit.SoupkitError, match=message):  # one hierarchy: except SoupkitError catches it
+        group(**options)
     with pytest.raises(ValueError, match=message):
         SoupConfig.from_options(**options)
     with pytest.raises(ValueError, match=message):
         config_for("mehl+", **options)
+
+
+def test_refused_options_and_methods_are_soupkit_errors(bn_setup):
+    model, pool, loader = bn_setup
+    with pytest.raises(soupkit.errors.OptionError, match="lr > 0"):
+        soupkit.make_soup("mehl+", model, pool, loader, lr=-1.0, progress=False)
+    with pytest.raises(soupkit.errors.UnknownOptionError, match="learning_rate"):
+        soupkit.make_soup("mehl+", model, pool, loader, learning_rate=0.1, progress=False)
+    with pytest.raises(soupkit.SoupkitError, match="unknown soup method 'nosuch'"):
+        soupkit.make_soup("nosuch", model, pool, loader)
+    assert issubclass(soupkit.errors.UnknownOptionError, TypeError)
+    assert issubclass(soupkit.errors.OptionError, ValueError)
 
 
 def test_every_group_has_a_bad_value_tried():

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, RELEASED_DEFAULTS, SoupConfig, with_options
 from soupkit.engine.evaluation import accuracy, predict
 from soupkit.engine.heldout import check_heldout
+from soupkit.errors import OptionError
 from soupkit.methods.hyperplane import hyperplane_soup
 from soupkit.methods.learned import learned_soup
 from soupkit.methods.result import SoupResult
@@ -201,7 +202,7 @@ def register(name: str, method: Method, replace_existing: bool = False) -> Metho
     if not isinstance(method, Method):
         raise TypeError(f"register({name!r}, ...) takes a soupkit Method, not {type(method).__name__}")
     if name in METHODS and not replace_existing:
-        raise ValueError(f"a method {name!r} is registered already (replace_existing=True replaces it)")
+        raise OptionError(f"a method {name!r} is registered already (replace_existing=True replaces it)")
     METHODS[name] = method
     return method
 
@@ -233,7 +234,7 @@ DISPLAY: Mapping[str, str] = _Field("display")  # each method's name in tables a
 def config_for(name: str, **options: Any) -> SoupConfig:
     """The defaults of method ``name`` with ``options`` applied; unknown options raise TypeError."""
     if name not in METHODS:
-        raise ValueError(f"unknown soup method {name!r}; choose from {list(METHODS)}")
+        raise OptionError(f"unknown soup method {name!r}; choose from {list(METHODS)}")
     return with_options(METHODS[name].defaults, name, **options)
 
 

@@ -38,15 +38,26 @@ StateDict = dict[str, Tensor]
 
 # ---- the variants: where the directions start from, and what a block's step does to the weights on θ_i ---------
 @dataclass(frozen=True)
-class FixedCentre:
+class _Directions:
+    """What every variant shares: directions used as read, or each divided by its per-layer norm (the released
+    code's ``normalize_directions``)."""
+
+    normalize_directions: bool = False
+
+    def scale(self, stack: StateDict, soup: StateDict, layers: LayerMap, b: int,
+              comm: Communicator | None) -> Tensor | None:
+        """``[b, L]`` factors of the block's directions (None: 1)."""
+        return _inverse_norms(stack, soup, layers, b, comm) if self.normalize_directions else None
+
+
+@dataclass(frozen=True)
+class FixedCentre(_Directions):
     """The paper's Algorithm 1: every direction starts from the centre θ̄ of all K models and each model's α is kept
     across the blocks that visit it (the soup is θ̄ + Σ_i α_i (θ_i − θ̄)). ``decentralize=False`` (Appendix D's
     ablation) takes the models themselves as directions, with weights β_i starting at 1/K (soup Σ_i β_i θ_i)."""
 
     decentralize: bool = True
-    normalize_directions: bool = False
     needs_mean_of_all = True
-    follows_soup = False  # the directions' origin stays where it is
 
     @property
     def param_name(self) -> str:
@@ -66,8 +77,16 @@ class FixedCentre:
     def initial_var(self, weights: Tensor) -> Tensor:
         return torch.zeros_like(weights) if self.decentralize else weights.clone()
 
-    def subtract_as_read(self, centre: StateDict) -> StateDict | None:
+    def origin(self, centre: StateDict, soup: StateDict) -> StateDict | None:
+        """What a block's directions subtract as they are read (θ̄; None: the models themselves)."""
         return centre if self.decentralize else None
+
+    def prefetch_origin(self, centre: StateDict) -> StateDict | None:
+        """The same for a block read ahead, before the soup of the block in training is known."""
+        return self.origin(centre, centre)
+
+    def finish_prefetched(self, stack: StateDict, soup: StateDict, keys: Iterable[str]) -> None:
+        """Nothing: the origin did not move while the block was read."""
 
     def block_start(self, var: Tensor, block: list[int], n_layers: int) -> Tensor:
         return var[block]
@@ -81,14 +100,12 @@ class FixedCentre:
 
 
 @dataclass(frozen=True)
-class RecentredSoup:
+class RecentredSoup(_Directions):
     """The released code's variant (``recenter``): the first block is centred on its own mean, every later block on
     the current soup (directions θ_i − soup); each block's coefficients start at 0, so nothing is kept between
     blocks but the soup itself."""
 
-    normalize_directions: bool = False
     needs_mean_of_all = False
-    follows_soup = True
     param_name = "alpha"
 
     def centre(self, pool: CheckpointPool, blocks: list[list[int]], full: StateDict | None,
@@ -106,8 +123,17 @@ class RecentredSoup:
     def initial_var(self, weights: Tensor) -> Tensor:
         return torch.zeros_like(weights)
 
-    def subtract_as_read(self, centre: StateDict) -> StateDict | None:
-        return None  # the soup, once the block's turn comes (follows_soup)
+    def origin(self, centre: StateDict, soup: StateDict) -> StateDict | None:
+        """θ_i − soup: the soup as it is when the block's turn comes."""
+        return soup
+
+    def prefetch_origin(self, centre: StateDict) -> StateDict | None:
+        """None: a block read ahead is centred once the soup has reached its place (:meth:`finish_prefetched`)."""
+        return None
+
+    def finish_prefetched(self, stack: StateDict, soup: StateDict, keys: Iterable[str]) -> None:
+        for key in keys:
+            stack[key].sub_(soup[key])
 
     def block_start(self, var: Tensor, block: list[int], n_layers: int) -> Tensor:
         return torch.zeros(len(block), n_layers)
@@ -123,8 +149,8 @@ class RecentredSoup:
 def centre_policy(cfg: SoupConfig) -> FixedCentre | RecentredSoup:
     """The variant ``cfg`` asks for (``recenter``, ``decentralize``, ``normalize_directions``)."""
     if cfg.variant.recenter:
-        return RecentredSoup(cfg.variant.normalize_directions)
-    return FixedCentre(cfg.variant.decentralize, cfg.variant.normalize_directions)
+        return RecentredSoup(normalize_directions=cfg.variant.normalize_directions)
+    return FixedCentre(normalize_directions=cfg.variant.normalize_directions, decentralize=cfg.variant.decentralize)
 
 
 def _block_schedule(k: int, b: int, outer: int, blockwise: bool, seed: int) -> list[list[int]]:
@@ -229,7 +255,6 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
     pending = None
     ddtype = systems.direction_dtype or systems.dtype
     pinned = torch.device(systems.device).type == "cuda"
-    subtract = policy.subtract_as_read(centre)  # from every direction as it is read (a prefetched block too)
     with progress_bar(cfg, steps * len(blocks), name) as bar:
         bar.update(steps * first)
         for t in range(first, len(blocks)):
@@ -237,19 +262,17 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
             fresh = pending is None
             if fresh:
                 stack = pool.load_stack(_own(block, comm, split), systems.device, ddtype,
-                                        subtract=soup if policy.follows_soup else subtract, keys=keys)
+                                        subtract=policy.origin(centre, soup), keys=keys)
             else:
                 stack = pending.result()
             if systems.prefetch and t + 1 < len(blocks):
                 pending = pool.prefetch_stack(_own(blocks[t + 1], comm, split), device=systems.device, dtype=ddtype,
-                                              subtract=subtract, keys=keys, pin_memory=pinned)
+                                              subtract=policy.prefetch_origin(centre), keys=keys, pin_memory=pinned)
             else:
                 pending = None
-            if policy.follows_soup and not fresh:  # read before the soup reached its place: centre it now
-                for key in keys:
-                    stack[key].sub_(soup[key])
-            scale = _inverse_norms(stack, soup, layers, len(block), comm if split else None) \
-                if policy.normalize_directions else None
+            if not fresh:  # after the next read started, so that both overlap
+                policy.finish_prefetched(stack, soup, keys)
+            scale = policy.scale(stack, soup, layers, len(block), comm if split else None)
             w0 = policy.block_start(var, block, n_layers).to(systems.device)
             space = HyperplaneSpace(model, soup, stack, layers, w0, scale, cfg.algorithm.clip_grad_norm, comm,
                                     autocast=systems.autocast_dtype)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.engine.evaluation import accuracy
-from soupkit.errors import DivergenceError, MemoryCapExceeded
+from soupkit.errors import DivergenceError, MemoryCapExceeded, MissingInputError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.methods.registry import METHODS, make_soup
 from soupkit.methods.result import soup_logits
@@ -161,7 +161,7 @@ def read_correct(record: str | os.PathLike) -> "np.ndarray":
 
     path = predictions_path(record)
     if not path.is_file():
-        raise FileNotFoundError(f"no per-image predictions {path} for record {record}: rerun the method")
+        raise MissingInputError(f"no per-image predictions {path} for record {record}: rerun the method")
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return table[:, 0] == table[:, 1]
 

@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
+from soupkit.errors import MissingInputError
 from soupkit.experiments.ablations import Setting, ablation_grid, run_ablations
 from soupkit.experiments.claims import EQUIVALENCE_MARGIN
 from soupkit.experiments.plots import device_title, legend_below, method_colour
@@ -145,7 +146,7 @@ def run_side_study(out_dir: str | os.PathLike, seed: int, study: str,
         return target
     zoo_dir = folder / "zoo"
     if not (zoo_dir / "zoo.json").is_file():
-        raise FileNotFoundError(f"{zoo_dir} holds no zoo: run seed_study (notebook 10) for seed {seed} first")
+        raise MissingInputError(f"{zoo_dir} holds no zoo: run seed_study (notebook 10) for seed {seed} first")
     k = len(open_zoo(zoo_dir).records)
     common = {"batch_size": s.batch_size, "seed": seed, "device": device}
     if study == "top_models":
@@ -195,7 +196,7 @@ def run_side_studies(out_dir: str | os.PathLike, seeds: Sequence[int], studies: 
     missing = [zoo for zoo in dict.fromkeys(seed_dir(out_dir, s) / "zoo" for s, st in pairs if st in _ON_SEED_ZOO)
                if not (zoo / "zoo.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"no zoo in {', '.join(map(str, missing))}: run seed_study (notebook 10) first")
+        raise MissingInputError(f"no zoo in {', '.join(map(str, missing))}: run seed_study (notebook 10) first")
     todo = [(seed, study) for seed, study in pairs if not side_study_file(out_dir, seed, study).is_file()]
     # the longest studies first, so that the workers finish together
     order = {"ablations": 0, "resnet": 1, "top_models": 2, "finetuning_cost": 3}

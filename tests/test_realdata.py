@@ -12,7 +12,8 @@ from PIL import Image
 from soupkit.runtime._compat import import_torchvision
 from soupkit.errors import DataError, ParameterError
 from soupkit.zoo.realdata import (ArrayImageDataset, cifar_splits, clip_transform, dataset_loader, dataset_splits,
-                                  imagenet_splits, mask_heldout, per_class_heldout, random_heldout, read_cifar, write_cifar_dir)
+                                  imagenet_splits, mask_heldout, per_class_heldout, random_heldout, read_cifar,
+                                  write_cifar_dir)
 
 CFG = {"size": (16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
        "resize_mode": "shortest", "fill_color": 0}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from soupkit.errors import DataError, MissingInputError
+from soupkit.io import atomic_write_text
 
 SPLIT_NAMES: tuple[str, ...] = ("pretrain", "finetune", "heldout", "test")
 DEFAULT_SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # package data (soupkit/zoo/splits/)
@@ -174,12 +175,7 @@ def regenerate_splits(
         "sizes": asdict(sizes),
         "splits": {k: v.tolist() for k, v in splits.items()},
     }
-    path = split_path(splits_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(split_path(splits_dir, name), json.dumps(doc, separators=(",", ":")) + "\n")
 
 
 def read_split_file(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT_SPLIT_NAME) -> Splits:

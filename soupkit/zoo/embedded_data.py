@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from soupkit.errors import DataError, MissingInputError
-from soupkit.io import atomic_write_text
+from soupkit.io import atomic_write_text, sha256_arrays
 
 SPLIT_NAMES: tuple[str, ...] = ("pretrain", "finetune", "heldout", "test")
 DEFAULT_SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # package data (soupkit/zoo/splits/)
@@ -104,9 +104,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     """sha256 of the raw bytes of images and labels, to notice a different dataset version."""
-    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-    h.update(np.ascontiguousarray(labels).astype(np.int64).tobytes())
-    return h.hexdigest()
+    return sha256_arrays(images, np.asarray(labels).astype(np.int64))
 
 
 def make_splits(labels: np.ndarray, sizes: SplitSizes, seed: int) -> dict[str, np.ndarray]:

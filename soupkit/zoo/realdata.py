@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from soupkit.errors import DataError, ParameterError
-from soupkit.io import atomic_write_text
+from soupkit.io import atomic_write_text, sha256_arrays
 from soupkit.runtime._compat import import_open_clip, import_torchvision
 
 __all__ = [
@@ -291,8 +291,7 @@ def cifar_splits(root: str | os.PathLike, name: str, transform: Callable, split_
     """CIFAR-10/100 (``name`` = "cifar10"/"cifar100") with a seeded random ``fraction`` of train held out."""
     images, labels, classes = read_cifar(root, name, train=True, verify_md5=verify_md5)
     test_images, test_labels, _ = read_cifar(root, name, train=False, verify_md5=verify_md5)
-    fingerprint = _fingerprint([name, hashlib.sha256(images.tobytes()).hexdigest(),
-                                hashlib.sha256(labels.tobytes()).hexdigest()])
+    fingerprint = _fingerprint([name, sha256_arrays(images), sha256_arrays(labels)])
     split = load_or_create_split(split_file, num_samples=len(labels), fingerprint=fingerprint,
                                  rule=f"fraction:{fraction}", seed=seed,
                                  make=lambda: random_heldout(len(labels), fraction, seed))

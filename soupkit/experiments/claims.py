@@ -24,7 +24,6 @@ import pandas as pd
 
 from soupkit.experiments.results import paper_table
 from soupkit.experiments.run import read_correct
-from soupkit.experiments.runner import find_notebooks
 from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, paired_difference, seed_interval,
                                        seeds_needed, verdict)
 from soupkit.methods.registry import DISPLAY
@@ -411,19 +410,14 @@ def _coefficients(figures: Path) -> list[dict[str, Any]]:
              "basis": f"coefficients (05): {int(t.loc['mehl+', 'coefficients'])} per method, counted exactly"}]
 
 
-def committed_benchmark() -> Path:
-    """The repository's committed ViT-B/32 memory benchmark (``data/results/benchmark_cpu.csv`` beside the
-    notebooks folder, :func:`soupkit.experiments.runner.find_notebooks`)."""
-    return find_notebooks().parent / "data" / "results" / "benchmark_cpu.csv"
-
-
 def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
                  seeds_dir: str | os.PathLike | None = None, benchmark_csv: str | os.PathLike | None = None,
                  pairs: Sequence[tuple[str, str]] = TABLE1_PAIRS) -> pd.DataFrame:
     """One row per claim of the paper, from the result files under ``out_dir`` (records with per-image
     predictions), ``figures_dir`` (tables), ``seeds_dir`` (the multi-seed study's ``records.csv``, optional)
-    and ``benchmark_csv`` (the ViT-B/32 memory benchmark; None or "": the committed one). Claims whose inputs are missing are
-    left out. Differences are in accuracy points, A minus B."""
+    and ``benchmark_csv`` (the ViT-B/32 memory benchmark, e.g. the repository's
+    ``data/results/benchmark_cpu.csv``; None or "": no benchmark row). Claims whose inputs are missing are left
+    out. Differences are in accuracy points, A minus B."""
     out, figures = Path(out_dir), Path(figures_dir)
     seeds = None
     seeds_path = Path(seeds_dir) if seeds_dir else None
@@ -432,7 +426,7 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     rows = _table1(out, seeds, pairs) + _released(out, seeds)
     # memory and time over seeds only from a study whose methods ran in fresh processes (honest peaks)
     isolated = seeds is not None and _isolated(seeds_path)
-    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv or committed_benchmark()))
+    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv) if benchmark_csv else None)
     study = _study_rows(out, figures, seeds_path)
     # the claims table's order: Table 2, Table 3, Figure 1, Figure 2, the ablations, Appendix C
     top = [r for r in study if r["claim"].startswith("Table 3")]

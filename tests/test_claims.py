@@ -50,6 +50,7 @@ def test_table1_rows_from_predictions_and_seeds(tmp_path: Path) -> None:
     assert row["verdict"] == "cannot tell at this scale" and row["decided by"] == "seeds"
     memory = table[table["claim"].str.contains("peak memory")].iloc[0]
     assert memory["ours, one run (95 % CI over test images)"] == "2.00x"
+    assert memory["verdict"] == "no verdict (one measurement)" and memory["decided by"] == "-"
     assert "| Table 1: MEHL-Soup+ more accurate than Learned-Soup+ (points) | +0.23 |" in claims_markdown(table)
 
 
@@ -73,3 +74,4 @@ def test_the_benchmark_row_comes_from_the_file_passed_only(tmp_path: Path) -> No
     assert len(without) and not without["claim"].str.startswith(name).any()
     row = claims_table(tmp_path, tmp_path / "figures", None, bench, pairs=[]).iloc[-1]
     assert row["claim"].startswith(name) and bench.name in row["basis"]
+    assert row["verdict"] == "no verdict (one measurement)"

@@ -44,10 +44,12 @@ def test_a_changed_block_is_detected(tmp_path: Path) -> None:
 def test_the_verdict_summary_names_every_claim_once(tmp_path: Path) -> None:
     (tmp_path / "claims.csv").write_text(
         "claim,verdict\nA beats B (points),reproduces\nC (released code) equals D (points),cannot tell at this scale\n"
-        "E / F memory (ratio; > 1: F cheaper),cannot tell at this scale\n")
+        "E / F memory (ratio; > 1: F cheaper),no verdict (one measurement)\n"
+        "G / H time (ratio; > 1: H cheaper),cannot tell at this scale\n")
     text = BLOCKS["verdicts"](tmp_path, tmp_path)
-    assert text.splitlines() == ["- **reproduces** (1 of 3): A beats B.",
-                                 "- **cannot tell at this scale** (2 of 3): C (released code) equals D; E / F memory."]
+    assert text.splitlines() == ["- **reproduces** (1 of 4): A beats B.",
+                                 "- **cannot tell at this scale** (2 of 4): C (released code) equals D; G / H time.",
+                                 "- **no verdict (one measurement)** (1 of 4): E / F memory."]
 
 
 def test_every_soupkit_name_the_documents_give_exists() -> None:

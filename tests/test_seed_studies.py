@@ -147,6 +147,7 @@ def test_memory_ratio_reads_the_seed_run_not_a_side_study(tmp_path: Path) -> Non
     table = claims_table(tmp_path, tmp_path / "figures", seeds, pairs=[])
     memory = table[table["claim"].str.startswith("Learned-Soup+ / MEHL-Soup+ peak memory (ratio")].iloc[0]
     assert memory["ours, over seeds (95 % CI)"] == "4.00x [4.00, 4.00]"
+    assert memory["verdict"] == "reproduces" and memory["decided by"] == "seeds"  # over seeds: a real verdict
 
 
 def test_settings_are_the_notebooks_defaults() -> None:

@@ -11,7 +11,8 @@ is typed in. Two intervals per comparison where both exist:
 Verdicts (``stats.verdict``): *reproduces* when the interval excludes 0 on the paper's side, *contradicted*
 when it excludes 0 on the other side, *cannot tell at this scale* when it contains 0. A claim that two
 settings do not differ ("equal") reproduces when the interval lies within ±``EQUIVALENCE_MARGIN`` points,
-is contradicted when it lies outside, and cannot tell otherwise.
+is contradicted when it lies outside, and cannot tell otherwise. A memory or time ratio measured once (one run,
+the benchmark) has no interval and gets ``stats.NO_VERDICT``, *no verdict (one measurement)*.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import pandas as pd
 
 from soupkit.experiments.results import paper_table
 from soupkit.experiments.run import read_correct
-from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, paired_difference, seed_interval,
-                                       seeds_needed, verdict)
+from soupkit.experiments.stats import (NO_VERDICT, VERDICTS, Interval, format_interval, paired_difference,
+                                       seed_interval, seeds_needed, verdict)
 from soupkit.methods.registry import DISPLAY
 
 __all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
@@ -143,7 +144,7 @@ def _ratio_rows(out: Path, seeds_dir: Path | None, benchmark: Path | None) -> li
         across = seed_interval(np.log(values)) if len(values) >= 2 else None
         # ratios: the interval of the log ratio, reported as a ratio; the verdict is on log ratio > 0 (ratio > 1)
         shown = Interval(float(np.exp(across.estimate)), float(np.exp(across.low)), float(np.exp(across.high))) if across else None
-        outcome = verdict(across, expected) if across else "cannot tell at this scale"
+        outcome = verdict(across, expected) if across else NO_VERDICT
         basis = f"embedded zoo, one run: {one:.2f}x" if one else "embedded zoo: not run"
         rows.append({"claim": f"Learned-Soup+ / MEHL-Soup+ {what} (ratio; > 1: MEHL-Soup+ cheaper)",
                      "paper": paper_text, "ours, one run (95 % CI over test images)": f"{one:.2f}x" if one else "-",
@@ -161,7 +162,7 @@ def _ratio_rows(out: Path, seeds_dir: Path | None, benchmark: Path | None) -> li
             rows.append({"claim": f"Learned-Soup+ / MEHL-Soup+ peak memory at ViT-B/32 size, K = {k} (ratio)",
                          "paper": "13.3x at K = 72", "ours, one run (95 % CI over test images)":
                              f"{at['learned+'] / at['mehl+']:.2f}x", "ours, over seeds (95 % CI)": "-",
-                         "verdict": "cannot tell at this scale", "decided by": "-",
+                         "verdict": NO_VERDICT, "decided by": "-",
                          "basis": f"{benchmark.name}: one measurement per K (CPU), no interval, so no verdict"})
     return rows
 

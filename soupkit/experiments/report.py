@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from soupkit.experiments.drift import TOLERANCE_FILE
+from soupkit.experiments.stats import NO_VERDICT, VERDICTS
 
 __all__ = ["BLOCKS", "DOCUMENTS", "render", "update_readme", "update_documents", "main"]
 
@@ -92,7 +93,7 @@ def verdicts_block(figures: Path, data: Path) -> str:
     """One line per verdict of the claims table, naming its claims: the README's summary, never typed in."""
     t = pd.read_csv(figures / "claims.csv")
     lines = []
-    order = ["reproduces", "contradicted", "cannot tell at this scale"]
+    order = [*VERDICTS, NO_VERDICT]
     for verdict in order + sorted(set(t["verdict"]) - set(order)):
         rows = t[t["verdict"] == verdict]
         if len(rows):

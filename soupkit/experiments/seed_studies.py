@@ -31,7 +31,6 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from tqdm.auto import tqdm
 
-from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
 from soupkit.errors import MissingInputError
 from soupkit.experiments.ablations import Setting, ablation_grid, run_ablations
 from soupkit.experiments.claims import EQUIVALENCE_MARGIN
@@ -69,6 +68,9 @@ class SideStudySettings:
         eliminate: the paper's numbers of top models removed, out of ``paper_models`` (scaled to K).
         num_finetuned: the first n models of Figure 2.
         heldout_size: held-out images of Table 3 and Figure 2; ``ablation_heldout_size`` those of the ablations.
+        learned_lr, hyperplane_lr, weight_decay, epochs: overrides of the learned methods' settings; None (the
+            notebooks' default too) is each method's own default (``soupkit.config.LEARNED_DEFAULTS``,
+            ``HYPERPLANE_DEFAULTS``).
         batch_sizes / pass_values / epoch_values: the ablations' values of b, outer passes and inner epochs
             around the baseline (``model_batch_size``, ``outer_passes``, ``epochs``); ``decentralize_ablation``
             adds Appendix D (directions θ_i instead of θ_i − θ̄).
@@ -85,10 +87,10 @@ class SideStudySettings:
     ablation_heldout_size: int = 2000
     batch_size: int = 128
     model_batch_size: int = 8
-    learned_lr: float = LEARNED_DEFAULTS.lr
-    hyperplane_lr: float = HYPERPLANE_DEFAULTS.lr
-    weight_decay: float = HYPERPLANE_DEFAULTS.weight_decay
-    epochs: float = HYPERPLANE_DEFAULTS.epochs
+    learned_lr: float | None = None
+    hyperplane_lr: float | None = None
+    weight_decay: float | None = None
+    epochs: float | None = None
     outer_passes: int = 1
     batch_sizes: tuple[int, ...] = (8, 32)
     pass_values: tuple[int, ...] = (1, 2)

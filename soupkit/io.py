@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_file", "sha256_arrays", "default_file_mode",
-           "apply_umask"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_file", "sha256_arrays",
+           "default_file_mode", "apply_umask"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

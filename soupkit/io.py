@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the destination folder, then ``os.replace``, so readers never see half a file."""
+"""Atomic file writes (a temp file in the destination folder, then ``os.replace``, so readers never see half a file)
+and the sha256 fingerprints of files and arrays."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_file", "default_file_mode", "apply_umask"]
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "sha256_file", "sha256_arrays",
+           "default_file_mode", "apply_umask"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -46,6 +50,14 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk_bytes):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_arrays(*arrays: np.ndarray) -> str:
+    """Hex sha256 of the arrays' bytes in C order, one after the other (a fingerprint of in-memory data)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 

@@ -50,6 +50,7 @@ def test_table1_rows_from_predictions_and_seeds(tmp_path: Path) -> None:
     assert row["verdict"] == "cannot tell at this scale" and row["decided by"] == "seeds"
     memory = table[table["claim"].str.contains("peak memory")].iloc[0]
     assert memory["ours, one run (95 % CI over test images)"] == "2.00x"
+    assert memory["verdict"] == "no verdict (one measurement)" and memory["decided by"] == "-"
     assert "| Table 1: MEHL-Soup+ more accurate than Learned-Soup+ (points) | +0.23 |" in claims_markdown(table)
 
 
@@ -64,3 +65,13 @@ def test_power_line_hand_case() -> None:
     assert "±2.48 (within the ±2.5 target)" in line and "needs 3 seeds" in line and "sd 1.00" in line
     assert "needs 4 seeds" in power_line(comparisons, target=2.4)
     assert "power not assessed" in power_line(comparisons, "hl+", "greedy")
+
+
+def test_the_benchmark_row_comes_from_the_file_passed_only(tmp_path: Path) -> None:
+    bench = Path(__file__).resolve().parents[1] / "data" / "results" / "benchmark_cpu.csv"
+    name = "Learned-Soup+ / MEHL-Soup+ peak memory at ViT-B/32 size"
+    without = claims_table(tmp_path, tmp_path / "figures", None, pairs=[])
+    assert len(without) and not without["claim"].str.startswith(name).any()
+    row = claims_table(tmp_path, tmp_path / "figures", None, bench, pairs=[]).iloc[-1]
+    assert row["claim"].startswith(name) and bench.name in row["basis"]
+    assert row["verdict"] == "no verdict (one measurement)"

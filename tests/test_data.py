@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from soupkit.errors import DataError, MissingInputError, SoupkitError
 from soupkit.zoo import embedded_data as data
 from soupkit.zoo.embedded_data import (SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, read_split_file,
                                        regenerate_splits, split_path, tensor_loader, to_tensor)
@@ -46,6 +47,26 @@ def test_split_file_for_other_data_is_refused(tmp_path) -> None:
     doc["n_total"] = 9_999
     split_path(tmp_path).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="9999"):
+        read_split_file(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda doc: doc.update(n_total=9_999), "9999"),
+    (lambda doc: doc.update(data_sha256="0" * 64), "different Animal-MNIST bytes"),
+    (lambda doc: doc["sizes"].update(test=doc["sizes"]["test"] + 1), "header says"),
+    (lambda doc: doc["splits"]["test"].__setitem__(0, doc["splits"]["heldout"][0]), "overlap"),
+])
+def test_split_file_mismatches_are_soupkit_errors(tmp_path, change, message) -> None:
+    doc = json.loads(split_path().read_text())
+    change(doc)
+    split_path(tmp_path).write_text(json.dumps(doc))
+    with pytest.raises(SoupkitError, match=message) as caught:
+        read_split_file(tmp_path)
+    assert isinstance(caught.value, (DataError, ValueError))  # callers catching ValueError still do
+
+
+def test_a_missing_split_file_is_a_missing_input(tmp_path) -> None:
+    with pytest.raises(MissingInputError, match="regenerate_splits"):
         read_split_file(tmp_path)
 
 

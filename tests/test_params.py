@@ -191,24 +191,37 @@ def test_progress_lines_go_to_stderr_only_when_enabled(monkeypatch, capsys):
     assert not progress.enabled()
 
 
-def test_notebook_learning_defaults_are_the_library_defaults() -> None:
-    """A parameters cell holds literals (papermill), so each notebook repeats the published learning rates,
-    weight decay and epochs: they must be the library's (soupkit.config), or a notebook would run another method."""
+def test_notebook_learning_settings_are_overrides_not_copies_of_the_defaults() -> None:
+    """The notebooks pass overrides only: their learning rates, weight decay and epochs are None, which
+    soup_options, run_ablations and SideStudySettings turn into each method's own default (soupkit.config)."""
     import papermill
 
     from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
+    from soupkit.experiments.ablations import Setting
+    from soupkit.experiments.params import LIBRARY_DEFAULTS
+    from soupkit.experiments.run import soup_options
     from soupkit.experiments.runner import NOTEBOOKS, find_notebooks
 
-    want = {"learned_lr": LEARNED_DEFAULTS.algorithm.lr, "hyperplane_lr": HYPERPLANE_DEFAULTS.algorithm.lr,
-            "weight_decay": HYPERPLANE_DEFAULTS.algorithm.weight_decay, "epochs": HYPERPLANE_DEFAULTS.algorithm.epochs}
-    # one `epochs` parameter serves both kinds
-    assert LEARNED_DEFAULTS.algorithm.epochs == HYPERPLANE_DEFAULTS.algorithm.epochs
     folder = find_notebooks(Path(__file__).parent)
     seen = 0
     for name in NOTEBOOKS:
         declared = papermill.inspect_notebook(str(folder / f"{name}.ipynb"))
-        for key, value in want.items():
+        for key in LIBRARY_DEFAULTS:
             if key in declared:
-                assert float(declared[key]["default"]) == value, f"{name}: {key} = {declared[key]['default']}"
+                assert declared[key]["default"] == "None", f"{name}: {key} = {declared[key]['default']}"
                 seen += 1
     assert seen >= 20  # 02-10 declare them
+    none = dict.fromkeys(LIBRARY_DEFAULTS)
+    learned, hyperplane = LEARNED_DEFAULTS.algorithm, HYPERPLANE_DEFAULTS.algorithm
+    assert soup_options("learned+", **none) == {"lr": learned.lr, "epochs": learned.epochs}
+    assert soup_options("mehl+", **none, model_batch_size=8) == {
+        "lr": hyperplane.lr, "weight_decay": hyperplane.weight_decay, "epochs": hyperplane.epochs, "model_batch_size": 8}
+    assert Setting(epochs=None) == Setting(epochs=HYPERPLANE_DEFAULTS.algorithm.epochs)
+
+
+def test_a_none_learning_setting_is_type_checked_against_the_library_default() -> None:
+    namespace = {"learned_lr": None, "epochs": 2}
+    check_types(namespace, {"learned_lr": None, "epochs": None})
+    assert namespace == {"learned_lr": None, "epochs": 2.0}  # None allowed; an int becomes a float
+    with pytest.raises(ParameterError, match="learned_lr"):
+        check_types({"learned_lr": "fast"}, {"learned_lr": None})

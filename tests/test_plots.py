@@ -18,7 +18,7 @@ from matplotlib.colors import to_rgba  # noqa: E402
 from soupkit.experiments.ablations import plot_ablations  # noqa: E402
 from soupkit.experiments.coefficients import plot_coefficient_histograms, plot_layer_coefficients  # noqa: E402
 from soupkit.experiments.plots import (BROKEN_AXIS_GID, DID_NOT_FIT, device_title, family_colours, method_colour,
-                                       method_family, plot_main_table, plot_zoo_accuracies)
+                                       method_family, plot_main_table, plot_zoo_accuracies, save_figure)
 from soupkit.experiments.results import main_table, paper_table  # noqa: E402
 from soupkit.experiments.seeds import plot_seed_study, seed_summary  # noqa: E402
 from soupkit.experiments.studies import plot_finetuning_cost, plot_heldout_size, plot_top_models  # noqa: E402
@@ -195,3 +195,14 @@ def test_benchmark_figure_redraws_from_its_csv(tmp_path, monkeypatch):
     mehl = [ln for ln in fig.axes[0].lines if ln.get_marker() == "o" and len(ln.get_xdata()) == 5
             and np.ptp(np.log(ln.get_ydata())) < 0.05]  # the flat curve
     assert mehl and _same(mehl[0].get_color(), method_colour("mehl+"))
+
+
+def test_save_figure_writes_what_savefig_writes_and_leaves_no_temp_file(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([1, 3, 2], label="a")
+    ax.legend()
+    fig.savefig(tmp_path / "direct.png", dpi=150, bbox_inches="tight", metadata={"Software": None})
+    saved = save_figure(fig, tmp_path / "sub" / "figure.png")
+    plt.close(fig)
+    assert saved.read_bytes() == (tmp_path / "direct.png").read_bytes()
+    assert [p.name for p in saved.parent.iterdir()] == ["figure.png"]

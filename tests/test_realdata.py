@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from soupkit.runtime._compat import import_torchvision
-from soupkit.errors import DataError
-from soupkit.zoo.realdata import (cifar_splits, clip_transform, dataset_loader, dataset_splits, imagenet_splits,
-                                  mask_heldout, per_class_heldout, random_heldout, read_cifar, write_cifar_dir)
+from soupkit.errors import DataError, ParameterError
+from soupkit.zoo.realdata import (ArrayImageDataset, cifar_splits, clip_transform, dataset_loader, dataset_splits,
+                                  imagenet_splits, mask_heldout, per_class_heldout, random_heldout, read_cifar,
+                                  write_cifar_dir)
 
 CFG = {"size": (16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
        "resize_mode": "shortest", "fill_color": 0}
@@ -44,8 +45,10 @@ def test_split_rules():
     with pytest.raises(DataError, match="cannot hold out 10"):
         per_class_heldout(targets, 10, seed=0)
     assert len(random_heldout(1000, 0.1, seed=0)) == 100
-    with pytest.raises(ValueError):
+    with pytest.raises(ParameterError):  # a ValueError too
         random_heldout(10, 1.0, seed=0)
+    with pytest.raises(DataError, match="3 images but 2 labels"):
+        ArrayImageDataset(np.zeros((3, 4, 4, 3), np.uint8), [0, 1])
 
 
 def test_imagenet_folder_split_saved_and_reread(tmp_path):

@@ -2,6 +2,8 @@
 checks, the tables and the plots, with no other edit."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -14,7 +16,8 @@ import soupkit  # noqa: E402
 from soupkit.cli import main  # noqa: E402
 from soupkit.experiments.params import check_methods  # noqa: E402
 from soupkit.experiments.plots import family_handles, method_colour, method_style, plot_main_table  # noqa: E402
-from soupkit.experiments.results import main_table  # noqa: E402
+from soupkit.experiments.results import format_table, main_table  # noqa: E402
+from soupkit.experiments.run import soup_options  # noqa: E402
 from soupkit.methods.registry import (DEFAULTS, DISPLAY, METHODS, Method, config_for, display_name, register,  # noqa: E402
                                       table_order)
 from soupkit.methods.result import SoupResult  # noqa: E402
@@ -89,3 +92,31 @@ def test_a_registered_method_is_in_the_tables_and_the_plots(toy):
     assert "First model" in [t.get_text() for t in fig.axes[0].get_yticklabels()]
     matplotlib.pyplot.close(fig)
     assert isinstance(table, pd.DataFrame)
+
+
+def test_a_method_that_constructs_nothing_has_no_construction_cost_in_the_main_table(toy):
+    records = [{"method": m, "test_accuracy": 0.7, "heldout_accuracy": 0.7, "seconds_per_epoch": 0.5,
+                "epochs": 2, "seconds_total": 1.0, "peak_memory_bytes": 2**20} for m in ("first", "greedy")]
+    table = main_table(records).set_index("method")
+    cost = ["s / epoch", "#epoch", "construction (s)", "peak memory (MB)"]
+    assert table.loc["first", cost].isna().all()  # TOY has constructs=False
+    assert table.loc["greedy", cost].tolist() == [0.5, 2, 1.0, 1.0]
+    shown = format_table(table.reset_index()).set_index("Method")
+    assert shown.loc["First model", cost].tolist() == ["-"] * 4
+
+
+LEARNED_TOY = Method(first_model, "the first model, as if learned", "Learned first", "first", "first model",
+                     "tab:cyan", learned=True, defaults=soupkit.SoupConfig.from_options(lr=0.3, epochs=2.0))
+
+
+def test_a_learned_method_gets_its_learning_settings_from_soup_options():
+    register("toy-learned", LEARNED_TOY)
+    try:
+        assert soup_options("toy-learned") == {"lr": 0.3, "epochs": 2.0}  # None: the method's own defaults
+        assert soup_options("toy-learned", learned_lr=0.1, epochs=1.0, ties="accept") == \
+            {"lr": 0.1, "epochs": 1.0, "ties": "accept"}
+        register("plain-first", replace(LEARNED_TOY, learned=False))
+        assert soup_options("plain-first", learned_lr=0.1) == {}  # not learned: no learning settings
+    finally:
+        METHODS.pop("toy-learned")
+        METHODS.pop("plain-first", None)

@@ -12,6 +12,7 @@ import pytest
 from scipy.stats import t
 
 import soupkit
+from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
 from soupkit.experiments import runner
 from soupkit.experiments import seed_studies
 from soupkit.experiments.claims import claims_table, study_differences
@@ -147,6 +148,7 @@ def test_memory_ratio_reads_the_seed_run_not_a_side_study(tmp_path: Path) -> Non
     table = claims_table(tmp_path, tmp_path / "figures", seeds, pairs=[])
     memory = table[table["claim"].str.startswith("Learned-Soup+ / MEHL-Soup+ peak memory (ratio")].iloc[0]
     assert memory["ours, over seeds (95 % CI)"] == "4.00x [4.00, 4.00]"
+    assert memory["verdict"] == "reproduces" and memory["decided by"] == "seeds"  # over seeds: a real verdict
 
 
 def test_settings_are_the_notebooks_defaults() -> None:
@@ -162,16 +164,16 @@ def test_settings_are_the_notebooks_defaults() -> None:
     nb04, nb06, nb07 = defaults("04_top_models"), defaults("06_finetuning_cost"), defaults("07_ablations")
     for nb in (nb04, nb06):
         assert tuple(nb["methods"].split(",")) == s.methods and nb["heldout_size"] == s.heldout_size
-        for key in ("batch_size", "model_batch_size", "learned_lr", "hyperplane_lr", "weight_decay", "epochs",
-                    "seed"):
+        for key in ("batch_size", "model_batch_size", "seed"):
             assert nb[key] == (getattr(s, key) if key != "seed" else 0), key
+        for key in ("learned_lr", "hyperplane_lr", "weight_decay", "epochs"):
+            assert nb[key] is None and getattr(s, key) is None, key  # overrides only: the methods' defaults
     assert tuple(int(c) for c in nb04["eliminate"].split(",")) == s.eliminate
     assert nb04["paper_models"] == s.paper_models
     assert tuple(int(c) for c in nb06["num_finetuned"].split(",")) == s.num_finetuned
     assert nb07["heldout_size"] == s.ablation_heldout_size and nb07["batch_size"] == s.batch_size
-    assert (nb07["hyperplane_lr"], nb07["weight_decay"]) == (s.hyperplane_lr, s.weight_decay)
-    assert (nb07["model_batch_size"], nb07["outer_passes"], nb07["epochs"]) == (
-        s.model_batch_size, s.outer_passes, s.epochs)
+    assert (nb07["hyperplane_lr"], nb07["weight_decay"], nb07["epochs"]) == (None, None, None)
+    assert (nb07["model_batch_size"], nb07["outer_passes"]) == (s.model_batch_size, s.outer_passes)
     assert tuple(int(c) for c in nb07["batch_sizes"].split(",")) == s.batch_sizes
     assert tuple(int(c) for c in nb07["pass_values"].split(",")) == s.pass_values
     assert tuple(float(c) for c in nb07["epoch_values"].split(",")) == s.epoch_values
@@ -182,7 +184,13 @@ def test_settings_are_the_notebooks_defaults() -> None:
     assert tuple(int(c) for c in nb09["finetune_epochs"].split(",")) == s.resnet_epoch_choices
     assert (nb09["heldout_size"], nb09["model_batch_size"]) == (s.resnet_heldout_size, s.resnet_model_batch_size)
     for key in ("learned_lr", "hyperplane_lr", "weight_decay", "epochs"):
-        assert nb09[key] == getattr(s, key), key
+        assert nb09[key] is None, key
+    # None in the settings is each method's default, written out in the options the studies run with
+    options = s.options()
+    hyperplane, learned = HYPERPLANE_DEFAULTS.algorithm, LEARNED_DEFAULTS.algorithm
+    assert options["mehl+"] == {"lr": hyperplane.lr, "weight_decay": hyperplane.weight_decay,
+                                "epochs": hyperplane.epochs, "model_batch_size": s.model_batch_size}
+    assert s.options(["learned+"])["learned+"] == {"lr": learned.lr, "epochs": learned.epochs}
     assert nb09["seed"] == 0 and nb09["threads"] == 1 and nb09["methods"] == "all"
     assert set(s.resnet_methods) <= set(soupkit.METHODS)
 

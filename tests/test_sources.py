@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from soupkit.errors import MissingInputError, ResumeError, SoupkitError
 from soupkit.zoo.clip import build_model_soups_model, create_clip, register_model_config
 from soupkit.experiments.run import RunSpec, run_method
 from soupkit.pool.formats import save_state_dict
@@ -81,7 +82,7 @@ def test_a_changed_checkpoint_is_evaluated_again_and_another_zoo_is_refused(tiny
         assert again.paths[1] == converted and again.paths[0] == zoo.paths[0]
     finally:
         converted.unlink()
-    with pytest.raises(ValueError, match="another zoo"):
+    with pytest.raises(ResumeError, match="another zoo"):  # a ValueError too
         _prepare(tiny, tmp_path / "zoo", num_models=2)
 
 
@@ -99,7 +100,7 @@ def test_sweep_source_takes_the_sweep_records(tiny, tmp_path):
                       num_classes=3, data_root=str(tiny / "imagenet"), split_file=str(tiny / "split.json"),
                       arch=TINY, workers=0, progress=False)
     assert [r["finetune_seconds"] for r in zoo.records] == [10.0, 11.0]
-    with pytest.raises(FileNotFoundError, match="finished models"):
+    with pytest.raises(MissingInputError, match="finished models"):  # a FileNotFoundError too
         SourceSpec("sweep", str(sweep), 5, "imagenet", "x", "y").checkpoint_paths()
 
 
@@ -110,3 +111,9 @@ def test_bad_sources_are_explained(tmp_path):
         prepare_zoo(tmp_path, "model-soups")
     with pytest.raises(FileNotFoundError, match="soupkit.zoo.hub"):
         SourceSpec("model-soups", str(tmp_path), 2, "imagenet", "x", "y").checkpoint_paths()
+    for bad in (lambda: prepare_zoo(tmp_path, "hub"), lambda: SourceSpec("sweep", "x", 0, "imagenet", "x", "y"),
+                lambda: SourceSpec("sweep", "x", 1, "mnist", "x", "y"),
+                lambda: SourceSpec("model-soups", str(tmp_path), 2, "imagenet", "x", "y").checkpoint_paths(),
+                lambda: prepare_zoo(tmp_path, "model-soups", checkpoint_dir="x", data_root="y")):
+        with pytest.raises(SoupkitError):
+            bad()

@@ -10,10 +10,12 @@ import pytest
 import torch
 import yaml
 
-from soupkit.zoo.clip import build_model_soups_model, load_model_soups_checkpoint, load_weights
+from soupkit.methods.result import evaluate
+from soupkit.zoo.clip import (build_model_soups_model, create_clip, load_model_soups_checkpoint, load_weights,
+                              preprocess_config)
 from soupkit.io import sha256_file
 from soupkit.pool.checkpoint_pool import CheckpointPool
-from soupkit.zoo.realdata import write_cifar_dir
+from soupkit.zoo.realdata import clip_transform, dataset_loader, dataset_splits, write_cifar_dir
 from soupkit.errors import SweepError
 from soupkit.engine.schedule import warmup_cosine
 from soupkit.zoo.sweep import SweepConfig, main, sample_hparams
@@ -53,13 +55,18 @@ def test_sweep_writes_resumes_and_extends(setup):
         "model_000.safetensors", "model_001.safetensors"]
     for r in records:  # the record fields of soupkit.zoo's models.jsonl
         assert {"index", "file", "sha256", "hparams", "heldout_acc", "test_acc", "finetune_seconds"} <= set(r)
-        assert 0.0 <= r["heldout_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0 and r["finetune_seconds"] >= 0
+        assert r["finetune_seconds"] >= 0
         assert r["hparams"]["steps"] == 5 and 1e-4 <= r["hparams"]["lr"] <= 1e-3  # 36 images / batch 8
     assert len(json.loads((out / "split.json").read_text())["heldout"]) == 4  # 10 % of 40
 
     # the files load strictly into the model-soups layout and form a valid checkpoint pool
     model = build_model_soups_model(10, TINY)
     load_weights(model, load_model_soups_checkpoint(out / "model_000.safetensors"), source="model_000")
+    # the record's accuracies are those of the saved file on the split file's held-out (and the test) images
+    transform = clip_transform(preprocess_config(create_clip(TINY)))
+    data = dataset_splits("cifar10", tmp_path / "data", transform, out / "split.json", seed=0)
+    for split, key in ((data.heldout, "heldout_acc"), (data.test, "test_acc")):
+        assert evaluate(model, model.state_dict(), dataset_loader(split, 8)) == records[0][key], key
     pool = CheckpointPool([out / r["file"] for r in records], model=model)
     assert len(pool) == 2
     init = load_model_soups_checkpoint(out / "init.safetensors")

@@ -57,9 +57,14 @@ def test_resnet_zoo_builds_loads_and_soups_its_buffers(resnet_zoo, tmp_path) -> 
     assert not torch.equal(a[key], b[key])  # fine-tuning moved the statistics differently
     records = run_methods(zoo.out_dir, tmp_path / "runs", ["uniform", "mehl+"], isolate=False, progress=False,
                           heldout_size=50, options={"mehl+": {"epochs": 1.0, "model_batch_size": 1}})
-    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
     from soupkit.methods.result import SoupResult  # noqa: PLC0415
 
+    # each record's test accuracy is its saved soup's on every test image of the zoo (BN in eval mode)
+    tx, ty = zoo.tensors("test")
+    test = [(tx[i:i + 500], ty[i:i + 500]) for i in range(0, len(ty), 500)]
+    for r in records:
+        saved = SoupResult.load(tmp_path / "runs" / r["method"].replace("+", "_plus"))
+        assert r["test_images"] == len(ty) and evaluate(zoo.make_model(), saved, test) == r["test_accuracy"]
     uniform = SoupResult.load(tmp_path / "runs" / "uniform").state_dict
     assert torch.allclose(uniform[key], (a[key] + b[key]) / 2)  # the buffer is souped like the weights
 
@@ -155,4 +160,6 @@ def test_make_soup_on_resnet_pool_handles_bn(resnet_zoo) -> None:
         assert torch.allclose(result.state_dict[key], expected, atol=1e-5), key
     assert torch.equal(result.state_dict["backbone.bn1.num_batches_tracked"],
                        states[0]["backbone.bn1.num_batches_tracked"])  # integer buffers: the first model's
-    assert 0.0 <= evaluate(model, result, loader) <= 1.0
+    # evaluation runs the souped weights and buffers in eval mode (BatchNorm on the souped running statistics)
+    logits = torch.func.functional_call(model.eval(), result.state_dict, (x,))
+    assert evaluate(model, result, loader) == (logits.argmax(1) == y).float().mean().item()

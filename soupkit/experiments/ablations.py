@@ -29,6 +29,7 @@ from soupkit.config import HYPERPLANE_DEFAULTS
 from soupkit.experiments.results import record_test_interval, write_csv
 from soupkit.experiments.run import RunSpec, run_method
 from soupkit.io import atomic_write_json
+from soupkit.methods.registry import METHODS
 from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.zoo.sources import open_zoo
 
@@ -50,14 +51,19 @@ class Setting:
     Attributes:
         model_batch_size: b, models per block (clamped to K).
         outer_passes: passes over all K models; outer iterations = passes × ceil(K / b) blocks.
-        epochs: inner epochs over the held-out set per block.
+        epochs: inner epochs over the held-out set per block; None: HL/MEHL's default
+            (``soupkit.config.HYPERPLANE_DEFAULTS``).
         decentralize: directions θ_i − θ̄ (True, the paper's method) or θ_i (appendix D).
     """
 
     model_batch_size: int = 8
     outer_passes: int = 1
-    epochs: float = 5.0
+    epochs: float | None = HYPERPLANE_DEFAULTS.algorithm.epochs
     decentralize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs is None:  # resolved here, so that the name and the records say the value run
+            object.__setattr__(self, "epochs", HYPERPLANE_DEFAULTS.algorithm.epochs)
 
     @property
     def name(self) -> str:
@@ -86,8 +92,7 @@ def ablation_grid(baseline: Setting, sweeps: Mapping[str, Sequence[Any]]) -> lis
 
 
 def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: Iterable[tuple[str, Any, Setting]],
-                  *, method: str = "mehl+", lr: float = HYPERPLANE_DEFAULTS.algorithm.lr,
-                  weight_decay: float = HYPERPLANE_DEFAULTS.algorithm.weight_decay,
+                  *, method: str = "mehl+", lr: float | None = None, weight_decay: float | None = None,
                   **spec_fields: Any) -> pd.DataFrame:
     """Run every distinct setting of ``grid`` once (in this process) and tabulate the studies.
 
@@ -96,6 +101,7 @@ def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: 
 
     Args:
         grid: :func:`ablation_grid` rows.
+        lr, weight_decay: AdamW's; None: ``method``'s default.
         **spec_fields: other :class:`RunSpec` fields (``heldout_size``, ``models``, ``batch_size``, ``seed``...).
 
     Returns:
@@ -107,6 +113,9 @@ def run_ablations(zoo_dir: str | os.PathLike, out_dir: str | os.PathLike, grid: 
     """
     grid = list(grid)
     out = Path(out_dir)
+    defaults = METHODS[method].defaults
+    lr = defaults.algorithm.lr if lr is None else lr
+    weight_decay = defaults.algorithm.weight_decay if weight_decay is None else weight_decay
     models = spec_fields.get("models")
     k = len(models) if models is not None else len(open_zoo(zoo_dir).records)
     records: dict[Setting, dict[str, Any]] = {}

@@ -11,7 +11,8 @@ is typed in. Two intervals per comparison where both exist:
 Verdicts (``stats.verdict``): *reproduces* when the interval excludes 0 on the paper's side, *contradicted*
 when it excludes 0 on the other side, *cannot tell at this scale* when it contains 0. A claim that two
 settings do not differ ("equal") reproduces when the interval lies within ±``EQUIVALENCE_MARGIN`` points,
-is contradicted when it lies outside, and cannot tell otherwise.
+is contradicted when it lies outside, and cannot tell otherwise. A memory or time ratio measured once (one run,
+the benchmark) has no interval and gets ``stats.NO_VERDICT``, *no verdict (one measurement)*.
 """
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ import pandas as pd
 
 from soupkit.experiments.results import paper_table
 from soupkit.experiments.run import read_correct
-from soupkit.experiments.runner import find_notebooks
-from soupkit.experiments.stats import (VERDICTS, Interval, format_interval, paired_difference, seed_interval,
-                                       seeds_needed, verdict)
+from soupkit.experiments.stats import (NO_VERDICT, VERDICTS, Interval, format_interval, paired_difference,
+                                       seed_interval, seeds_needed, verdict)
 from soupkit.methods.registry import DISPLAY
 
 __all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
@@ -144,7 +144,7 @@ def _ratio_rows(out: Path, seeds_dir: Path | None, benchmark: Path | None) -> li
         across = seed_interval(np.log(values)) if len(values) >= 2 else None
         # ratios: the interval of the log ratio, reported as a ratio; the verdict is on log ratio > 0 (ratio > 1)
         shown = Interval(float(np.exp(across.estimate)), float(np.exp(across.low)), float(np.exp(across.high))) if across else None
-        outcome = verdict(across, expected) if across else "cannot tell at this scale"
+        outcome = verdict(across, expected) if across else NO_VERDICT
         basis = f"embedded zoo, one run: {one:.2f}x" if one else "embedded zoo: not run"
         rows.append({"claim": f"Learned-Soup+ / MEHL-Soup+ {what} (ratio; > 1: MEHL-Soup+ cheaper)",
                      "paper": paper_text, "ours, one run (95 % CI over test images)": f"{one:.2f}x" if one else "-",
@@ -162,7 +162,7 @@ def _ratio_rows(out: Path, seeds_dir: Path | None, benchmark: Path | None) -> li
             rows.append({"claim": f"Learned-Soup+ / MEHL-Soup+ peak memory at ViT-B/32 size, K = {k} (ratio)",
                          "paper": "13.3x at K = 72", "ours, one run (95 % CI over test images)":
                              f"{at['learned+'] / at['mehl+']:.2f}x", "ours, over seeds (95 % CI)": "-",
-                         "verdict": "cannot tell at this scale", "decided by": "-",
+                         "verdict": NO_VERDICT, "decided by": "-",
                          "basis": f"{benchmark.name}: one measurement per K (CPU), no interval, so no verdict"})
     return rows
 
@@ -411,19 +411,14 @@ def _coefficients(figures: Path) -> list[dict[str, Any]]:
              "basis": f"coefficients (05): {int(t.loc['mehl+', 'coefficients'])} per method, counted exactly"}]
 
 
-def committed_benchmark() -> Path:
-    """The repository's committed ViT-B/32 memory benchmark (``data/results/benchmark_cpu.csv`` beside the
-    notebooks folder, :func:`soupkit.experiments.runner.find_notebooks`)."""
-    return find_notebooks().parent / "data" / "results" / "benchmark_cpu.csv"
-
-
 def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
                  seeds_dir: str | os.PathLike | None = None, benchmark_csv: str | os.PathLike | None = None,
                  pairs: Sequence[tuple[str, str]] = TABLE1_PAIRS) -> pd.DataFrame:
     """One row per claim of the paper, from the result files under ``out_dir`` (records with per-image
     predictions), ``figures_dir`` (tables), ``seeds_dir`` (the multi-seed study's ``records.csv``, optional)
-    and ``benchmark_csv`` (the ViT-B/32 memory benchmark; None or "": the committed one). Claims whose inputs are missing are
-    left out. Differences are in accuracy points, A minus B."""
+    and ``benchmark_csv`` (the ViT-B/32 memory benchmark, e.g. the repository's
+    ``data/results/benchmark_cpu.csv``; None or "": no benchmark row). Claims whose inputs are missing are left
+    out. Differences are in accuracy points, A minus B."""
     out, figures = Path(out_dir), Path(figures_dir)
     seeds = None
     seeds_path = Path(seeds_dir) if seeds_dir else None
@@ -432,7 +427,7 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     rows = _table1(out, seeds, pairs) + _released(out, seeds)
     # memory and time over seeds only from a study whose methods ran in fresh processes (honest peaks)
     isolated = seeds is not None and _isolated(seeds_path)
-    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv or committed_benchmark()))
+    rows += _ratio_rows(out, seeds_path if isolated else None, Path(benchmark_csv) if benchmark_csv else None)
     study = _study_rows(out, figures, seeds_path)
     # the claims table's order: Table 2, Table 3, Figure 1, Figure 2, the ablations, Appendix C
     top = [r for r in study if r["claim"].startswith("Table 3")]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from soupkit.engine.layers import LayerMap
+from soupkit.errors import MissingInputError
 from soupkit.methods.registry import DISPLAY
 from soupkit.methods.result import SoupResult
 from soupkit.pool.checkpoint_pool import CheckpointPool
@@ -39,13 +40,13 @@ def load_results(directory: str | os.PathLike, methods: Sequence[str]) -> dict[s
     """``{method: SoupResult}`` read from ``directory/<method with + as _plus>/`` (notebook 02's layout).
 
     Raises:
-        FileNotFoundError: naming the missing methods and the notebook that writes them.
+        MissingInputError (a FileNotFoundError): naming the missing methods and the notebook that writes them.
     """
     directory = Path(directory)
     folders = {m: directory / m.replace("+", "_plus") for m in methods}
     missing = [m for m, f in folders.items() if not (f / "result.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"no saved soup for {missing} under {directory}: run notebooks/02_main_table.ipynb "
+        raise MissingInputError(f"no saved soup for {missing} under {directory}: run notebooks/02_main_table.ipynb "
                                 "first (it saves every method's SoupResult there), or set run_missing = True")
     return {m: SoupResult.load(f) for m, f in folders.items()}
 

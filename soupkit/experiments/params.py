@@ -19,7 +19,8 @@ It checks, in this order:
   warns "Passed unknown parameter" and runs with the defaults.
 * **types**: each declared parameter against the type of its default in the ``parameters`` cell (read from the
   notebook file); an int is accepted for a float and becomes that float, and None for a number (a preset's
-  ``null``: ``heldout_size`` = the whole split).
+  ``null``: ``heldout_size`` = the whole split). The learning settings a cell leaves None (each method's own
+  default, :data:`LIBRARY_DEFAULTS`) are checked against the library default's type.
 * **method lists**: comma-separated names of :data:`soupkit.METHODS` (``"all"`` where the notebook runs all).
 * **inputs** another notebook writes (:class:`Needs`): the sentence names the notebook to run first.
 
@@ -34,15 +35,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
+from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
 from soupkit.errors import MissingInputError, ParameterError
 from soupkit.experiments.runner import find_notebooks
 from soupkit.methods.registry import METHODS
 
 __all__ = ["Needs", "check_notebook", "declared_parameters", "injected_names", "check_types", "check_unknown",
-           "check_methods", "parse_list", "parse_methods", "enter_notebook_folder", "check_inputs"]
+           "check_methods", "parse_list", "parse_methods", "enter_notebook_folder", "check_inputs", "LIBRARY_DEFAULTS"]
 
 _INJECTED_MARK = "# Parameters"  # the first line of the cell papermill injects (its python translator)
 _KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+# parameters whose notebook default is None, "each method's own default": a value given is checked against the
+# type of that library default instead
+LIBRARY_DEFAULTS: dict[str, float] = {"learned_lr": LEARNED_DEFAULTS.algorithm.lr,
+                                      "hyperplane_lr": HYPERPLANE_DEFAULTS.algorithm.lr,
+                                      "weight_decay": HYPERPLANE_DEFAULTS.algorithm.weight_decay,
+                                      "epochs": HYPERPLANE_DEFAULTS.algorithm.epochs}
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,12 @@ def _kind(value: Any) -> str:
 def check_types(namespace: MutableMapping[str, Any], defaults: Mapping[str, Any]) -> None:
     """Raise :class:`ParameterError` for the first parameter whose value's type is not its default's (papermill
     parameters are scalars: str, int, float, bool); an int given for a float becomes that float, None is
-    accepted for a number."""
+    accepted for a number. A parameter in :data:`LIBRARY_DEFAULTS` whose default is None takes that default's
+    type."""
     __tracebackhide__ = True
     for name, default in defaults.items():
+        if default is None:
+            default = LIBRARY_DEFAULTS.get(name)
         if default is ... or default is None or name not in namespace:
             continue
         value, want = namespace[name], type(default)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from soupkit.experiments.stats import wilson_interval
+from soupkit.io import atomic_write
 from soupkit.methods.registry import DISPLAY, METHODS
 
 __all__ = ["OTHER_COLOUR", "family_colours", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
@@ -125,13 +126,12 @@ def legend_below(fig: plt.Figure, handles: Sequence[Any], ncol: int | None = Non
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """Save ``fig`` to ``path`` atomically (temp file + rename)."""
+    """Save ``fig`` to ``path`` atomically (:func:`soupkit.io.atomic_write`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    os.replace(tmp, path)
-    return path
+    # the temp file's name does not end in path's suffix, so the format is named, not guessed from it
+    fmt = path.suffix[1:] or plt.rcParams["savefig.format"]
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt,
+                                                      metadata={"Software": None}))
 
 
 def _numeric(table: pd.DataFrame, column: str) -> pd.Series:

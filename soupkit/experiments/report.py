@@ -5,10 +5,13 @@ each from ``figures/*.csv``, ``data/results/*`` and the drift tolerances, and a 
 
     python -m soupkit.experiments.report --write     # refresh the generated blocks after `make update-committed`
     python -m soupkit.experiments.report --check     # exit 1 when a block differs from what the files give
+
+Both read and write the repository at ``--root`` (default: the current folder).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,16 +20,12 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from soupkit.experiments.drift import TOLERANCE_FILE
-from soupkit.experiments.runner import find_notebooks
+from soupkit.experiments.stats import NO_VERDICT, VERDICTS
 
 __all__ = ["BLOCKS", "DOCUMENTS", "render", "update_readme", "update_documents", "main"]
 
 
-
-def repository() -> Path:
-    """The repository whose README.md and docs/ are rendered: the one of the notebooks folder in or above the
-    working folder (:func:`soupkit.experiments.runner.find_notebooks`)."""
-    return find_notebooks().parent
+Root = str | os.PathLike  # the repository whose README.md, docs/, figures/ and data/ are read
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -94,7 +93,7 @@ def verdicts_block(figures: Path, data: Path) -> str:
     """One line per verdict of the claims table, naming its claims: the README's summary, never typed in."""
     t = pd.read_csv(figures / "claims.csv")
     lines = []
-    order = ["reproduces", "contradicted", "cannot tell at this scale"]
+    order = [*VERDICTS, NO_VERDICT]
     for verdict in order + sorted(set(t["verdict"]) - set(order)):
         rows = t[t["verdict"] == verdict]
         if len(rows):
@@ -150,26 +149,26 @@ BLOCKS: dict[str, Callable[[Path, Path], str]] = {
 _BLOCK = re.compile(r"<!-- generated: (?P<name>[a-z_]+) -->\n(?P<body>.*?)\n?<!-- end: (?P=name) -->", re.S)
 
 
-def render(name: str, figures: Path | None = None, data: Path | None = None) -> str:
+def render(name: str, figures: Path | None = None, data: Path | None = None, root: Root = ".") -> str:
     """The markdown of block ``name`` from the result files (a line saying which file is missing, if one is);
-    ``figures`` and ``data`` default to the repository's ``figures/`` and ``data/``."""
-    figures = figures if figures is not None else repository() / "figures"
-    data = data if data is not None else repository() / "data"
+    ``figures`` and ``data`` default to ``root``'s ``figures/`` and ``data/``."""
+    figures = figures if figures is not None else Path(root) / "figures"
+    data = data if data is not None else Path(root) / "data"
     try:
         return BLOCKS[name](figures, data)
     except FileNotFoundError as err:
         return f"(not generated: {Path(err.filename).name} is missing; run the notebook that writes it)"
 
 
-def update_readme(path: Path | None = None, write: bool = True) -> list[str]:
-    """Re-render every generated block of ``path``; returns the names of blocks that changed (written if
-    ``write``)."""
-    path = path if path is not None else repository() / "README.md"
+def update_readme(path: Path | None = None, write: bool = True, root: Root = ".") -> list[str]:
+    """Re-render every generated block of ``path`` (default: ``root``'s README.md) from ``root``'s files;
+    returns the names of blocks that changed (written if ``write``)."""
+    path = path if path is not None else Path(root) / "README.md"
     text = path.read_text()
     changed = []
 
     def fill(m: re.Match) -> str:
-        body = render(m["name"])
+        body = render(m["name"], root=root)
         if body != m["body"]:
             changed.append(m["name"])
         return f"<!-- generated: {m['name']} -->\n{body}\n<!-- end: {m['name']} -->"
@@ -180,21 +179,21 @@ def update_readme(path: Path | None = None, write: bool = True) -> list[str]:
     return changed
 
 
-def _documents() -> list[Path]:
-    root = repository()
+def _documents(root: Root = ".") -> list[Path]:
+    root = Path(root)
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-DOCUMENTS: Callable[[], list[Path]] = _documents
+DOCUMENTS: Callable[..., list[Path]] = _documents  # DOCUMENTS(root): the documents with generated blocks
 
 
-def update_documents(paths: Sequence[Path] | None = None, write: bool = True) -> dict[str, list[str]]:
-    """:func:`update_readme` on README.md and every docs/*.md; returns ``{file name: changed blocks}`` (those
-    with a change only)."""
+def update_documents(paths: Sequence[Path] | None = None, write: bool = True, root: Root = ".") -> dict[str, list[str]]:
+    """:func:`update_readme` on ``root``'s README.md and every docs/*.md; returns ``{file name: changed blocks}``
+    (those with a change only)."""
     out = {}
-    root = repository()
-    for path in paths if paths is not None else DOCUMENTS():
-        changed = update_readme(path, write=write)
+    root = Path(root).resolve()
+    for path in paths if paths is not None else DOCUMENTS(root):
+        changed = update_readme(path, write=write, root=root)
         if changed:
             out[str(path.relative_to(root)) if path.is_relative_to(root) else str(path)] = changed
     return out
@@ -204,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m soupkit.experiments.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="rewrite the generated blocks of README.md and docs/")
     parser.add_argument("--check", action="store_true", help="exit 1 when a block differs")
+    parser.add_argument("--root", default=".", help="the repository (README.md, docs/, figures/, data/); "
+                        "default: the current folder")
     args = parser.parse_args(argv)
-    changed = update_documents(write=args.write)
+    changed = update_documents(write=args.write, root=args.root)
     listing = "; ".join(f"{f}: {', '.join(names)}" for f, names in changed.items())
     print(("rewrote: " if args.write else "differ: ") + (listing or "none"))
     return 1 if args.check and changed else 0

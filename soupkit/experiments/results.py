@@ -23,7 +23,7 @@ import pandas as pd
 
 from soupkit.experiments.stats import Interval, bootstrap_accuracy, wilson_interval
 from soupkit.io import atomic_write_text
-from soupkit.methods.registry import DISPLAY, table_order
+from soupkit.methods.registry import DISPLAY, METHODS, table_order
 
 __all__ = ["PAPER_DIR", "write_csv", "read_csv", "append_jsonl", "read_jsonl",
            "paper_table", "record_test_interval", "with_test_intervals", "with_wilson_intervals", "main_table",
@@ -202,7 +202,8 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
     })
     for col in ("test acc (%)", "test low (%)", "test high (%)", "held-out acc (%)", "s / epoch", "#epoch", "construction (s)", "peak memory (MB)"):
         table[col] = pd.to_numeric(table[col], errors="coerce").where(~unfit)
-    no_construction = table["method"].isin(["best", "uniform", "ensemble"])  # the paper shows "-" for these
+    # the paper shows "-" for methods with nothing to construct (best, uniform, ensemble)
+    no_construction = ~table["method"].map(lambda m: METHODS[m].constructs if m in METHODS else True).astype(bool)
     table.loc[no_construction, ["s / epoch", "#epoch", "construction (s)", "peak memory (MB)"]] = float("nan")
     if paper is not None:
         p = paper.rename(columns={"test_accuracy": "paper acc (%)", "seconds_per_epoch": "paper s / epoch",

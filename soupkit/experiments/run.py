@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, MAIN_TABLE_SETTINGS
+from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.engine.evaluation import accuracy
-from soupkit.errors import DivergenceError, MemoryCapExceeded
+from soupkit.errors import DivergenceError, MemoryCapExceeded, MissingInputError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.methods.registry import METHODS, make_soup
 from soupkit.methods.result import soup_logits
@@ -72,20 +72,36 @@ class RunSpec:
     device: str = "cpu"
 
 
-def soup_options(method: str, *, learned_lr: float = LEARNED_DEFAULTS.algorithm.lr,
-                 hyperplane_lr: float = HYPERPLANE_DEFAULTS.algorithm.lr,
-                 weight_decay: float = HYPERPLANE_DEFAULTS.algorithm.weight_decay,
-                 epochs: float = HYPERPLANE_DEFAULTS.algorithm.epochs,
-                 model_batch_size: int | None = None,
-                 **common: Any) -> dict[str, Any]:
-    """``make_soup`` options for ``method`` from the scalar parameters notebooks expose."""
+# learned methods of these registry families are AdamW on a hyperplane (they take weight decay); those of the
+# blockwise family also take b, the models per block; any other learned method takes learned_lr and epochs
+_HYPERPLANE_FAMILIES = ("hl", "mehl")
+_BLOCKWISE_FAMILIES = ("mehl",)
+
+
+def soup_options(method: str, *, learned_lr: float | None = None, hyperplane_lr: float | None = None,
+                 weight_decay: float | None = None, epochs: float | None = None,
+                 model_batch_size: int | None = None, **common: Any) -> dict[str, Any]:
+    """``make_soup`` options for ``method`` from the scalar parameters notebooks expose.
+
+    Only learned methods (``METHODS[method].learned``) take the learning settings; a setting left None is the
+    method's default (``METHODS[method].defaults``), written out so the record names the value used.
+    """
     opts: dict[str, Any] = dict(common)
-    if method.startswith("learned"):
-        opts.update(lr=learned_lr, epochs=epochs)
-    elif method.startswith(("hl", "mehl")):
-        opts.update(lr=hyperplane_lr, weight_decay=weight_decay, epochs=epochs)
-        if method.startswith("mehl") and model_batch_size is not None:
+    entry = METHODS.get(method)
+    if entry is None or not entry.learned:
+        return opts
+    defaults = entry.defaults.algorithm
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    if entry.family in _HYPERPLANE_FAMILIES:
+        opts.update(lr=given(hyperplane_lr, defaults.lr), weight_decay=given(weight_decay, defaults.weight_decay),
+                    epochs=given(epochs, defaults.epochs))
+        if entry.family in _BLOCKWISE_FAMILIES and model_batch_size is not None:
             opts["model_batch_size"] = model_batch_size
+    else:
+        opts.update(lr=given(learned_lr, defaults.lr), epochs=given(epochs, defaults.epochs))
     return opts
 
 
@@ -145,7 +161,7 @@ def read_correct(record: str | os.PathLike) -> "np.ndarray":
 
     path = predictions_path(record)
     if not path.is_file():
-        raise FileNotFoundError(f"no per-image predictions {path} for record {record}: rerun the method")
+        raise MissingInputError(f"no per-image predictions {path} for record {record}: rerun the method")
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return table[:, 0] == table[:, 1]
 

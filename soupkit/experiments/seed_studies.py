@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from tqdm.auto import tqdm
 
-from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS
+from soupkit.errors import MissingInputError
 from soupkit.experiments.ablations import Setting, ablation_grid, run_ablations
 from soupkit.experiments.claims import EQUIVALENCE_MARGIN
 from soupkit.experiments.plots import device_title, legend_below, method_colour
@@ -68,6 +68,9 @@ class SideStudySettings:
         eliminate: the paper's numbers of top models removed, out of ``paper_models`` (scaled to K).
         num_finetuned: the first n models of Figure 2.
         heldout_size: held-out images of Table 3 and Figure 2; ``ablation_heldout_size`` those of the ablations.
+        learned_lr, hyperplane_lr, weight_decay, epochs: overrides of the learned methods' settings; None (the
+            notebooks' default too) is each method's own default (``soupkit.config.LEARNED_DEFAULTS``,
+            ``HYPERPLANE_DEFAULTS``).
         batch_sizes / pass_values / epoch_values: the ablations' values of b, outer passes and inner epochs
             around the baseline (``model_batch_size``, ``outer_passes``, ``epochs``); ``decentralize_ablation``
             adds Appendix D (directions θ_i instead of θ_i − θ̄).
@@ -84,10 +87,10 @@ class SideStudySettings:
     ablation_heldout_size: int = 2000
     batch_size: int = 128
     model_batch_size: int = 8
-    learned_lr: float = LEARNED_DEFAULTS.algorithm.lr
-    hyperplane_lr: float = HYPERPLANE_DEFAULTS.algorithm.lr
-    weight_decay: float = HYPERPLANE_DEFAULTS.algorithm.weight_decay
-    epochs: float = HYPERPLANE_DEFAULTS.algorithm.epochs
+    learned_lr: float | None = None
+    hyperplane_lr: float | None = None
+    weight_decay: float | None = None
+    epochs: float | None = None
     outer_passes: int = 1
     batch_sizes: tuple[int, ...] = (8, 32)
     pass_values: tuple[int, ...] = (1, 2)
@@ -145,7 +148,7 @@ def run_side_study(out_dir: str | os.PathLike, seed: int, study: str,
         return target
     zoo_dir = folder / "zoo"
     if not (zoo_dir / "zoo.json").is_file():
-        raise FileNotFoundError(f"{zoo_dir} holds no zoo: run seed_study (notebook 10) for seed {seed} first")
+        raise MissingInputError(f"{zoo_dir} holds no zoo: run seed_study (notebook 10) for seed {seed} first")
     k = len(open_zoo(zoo_dir).records)
     common = {"batch_size": s.batch_size, "seed": seed, "device": device}
     if study == "top_models":
@@ -195,7 +198,7 @@ def run_side_studies(out_dir: str | os.PathLike, seeds: Sequence[int], studies: 
     missing = [zoo for zoo in dict.fromkeys(seed_dir(out_dir, s) / "zoo" for s, st in pairs if st in _ON_SEED_ZOO)
                if not (zoo / "zoo.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"no zoo in {', '.join(map(str, missing))}: run seed_study (notebook 10) first")
+        raise MissingInputError(f"no zoo in {', '.join(map(str, missing))}: run seed_study (notebook 10) first")
     todo = [(seed, study) for seed, study in pairs if not side_study_file(out_dir, seed, study).is_file()]
     # the longest studies first, so that the workers finish together
     order = {"ablations": 0, "resnet": 1, "top_models": 2, "finetuning_cost": 3}

@@ -21,9 +21,11 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 __all__ = ["Interval", "bootstrap_accuracy", "paired_difference", "seed_interval", "seeds_needed",
-           "wilson_interval", "verdict", "VERDICTS", "format_interval"]
+           "wilson_interval", "verdict", "VERDICTS", "NO_VERDICT", "format_interval"]
 
 VERDICTS = ("reproduces", "contradicted", "cannot tell at this scale")
+# a claim measured once (memory, time): no spread to test against, so no verdict rather than "cannot tell"
+NO_VERDICT = "no verdict (one measurement)"
 
 
 class Interval(NamedTuple):

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
+from soupkit.errors import DataError, MissingInputError
+from soupkit.io import atomic_write_text, sha256_arrays
+
 SPLIT_NAMES: tuple[str, ...] = ("pretrain", "finetune", "heldout", "test")
 DEFAULT_SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # package data (soupkit/zoo/splits/)
 DEFAULT_SPLIT_NAME = "animal_mnist_v3"
@@ -70,7 +73,8 @@ def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     arrays = []
     for name in _ANIMAL_FILES:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} missing; reinstall: " + _INSTALL_HINT.format(pkg="animal-mnist==0.4"))
+            raise MissingInputError(f"{folder / name} missing; reinstall: "
+                                    + _INSTALL_HINT.format(pkg="animal-mnist==0.4"))
         with gzip.open(folder / name, "rb") as f:
             arrays.append(np.asarray(pickle.load(f)))  # trusted file from the installed wheel
     images, labels = arrays[0].astype(np.uint8), arrays[1].astype(np.int64)
@@ -100,9 +104,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     """sha256 of the raw bytes of images and labels, to notice a different dataset version."""
-    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-    h.update(np.ascontiguousarray(labels).astype(np.int64).tobytes())
-    return h.hexdigest()
+    return sha256_arrays(images, np.asarray(labels).astype(np.int64))
 
 
 def make_splits(labels: np.ndarray, sizes: SplitSizes, seed: int) -> dict[str, np.ndarray]:
@@ -171,34 +173,30 @@ def regenerate_splits(
         "sizes": asdict(sizes),
         "splits": {k: v.tolist() for k, v in splits.items()},
     }
-    path = split_path(splits_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(split_path(splits_dir, name), json.dumps(doc, separators=(",", ":")) + "\n")
 
 
 def read_split_file(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT_SPLIT_NAME) -> Splits:
     """Read the committed split file and check it against the installed data (size and bytes)."""
     path = split_path(splits_dir, name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: it ships with soupkit under soupkit/zoo/splits/ (regenerate_splits() remakes it)")
+        raise MissingInputError(f"{path} missing: it ships with soupkit under soupkit/zoo/splits/ "
+                                "(regenerate_splits() remakes it)")
     doc = json.loads(path.read_text())
     images, labels = load_animal_mnist()
     if doc["n_total"] != len(labels):
-        raise ValueError(f"{path} was made for {doc['n_total']} images; the installed data has {len(labels)}")
+        raise DataError(f"{path} was made for {doc['n_total']} images; the installed data has {len(labels)}")
     if doc["data_sha256"] != data_fingerprint(images, labels):
-        raise ValueError(f"{path} was made for different Animal-MNIST bytes; check the animal-mnist version")
+        raise DataError(f"{path} was made for different Animal-MNIST bytes; check the animal-mnist version")
     idx = {k: np.asarray(doc["splits"][k], dtype=np.int64) for k in SPLIT_NAMES}
     for a in idx.values():
         a.setflags(write=False)
     for k in SPLIT_NAMES:
         if len(idx[k]) != doc["sizes"][k]:
-            raise ValueError(f"{path}: split {k} has {len(idx[k])} indices, header says {doc['sizes'][k]}")
+            raise DataError(f"{path}: split {k} has {len(idx[k])} indices, header says {doc['sizes'][k]}")
     every = np.concatenate(list(idx.values()))
     if len(np.unique(every)) != len(every) or every.min() < 0 or every.max() >= len(labels):
-        raise ValueError(f"{path}: split indices overlap or fall outside the dataset")
+        raise DataError(f"{path}: split indices overlap or fall outside the dataset")
     fingerprint = hashlib.sha256(json.dumps(doc["splits"], sort_keys=True).encode()).hexdigest()
     return Splits(**idx, seed=int(doc["seed"]), fingerprint=fingerprint)
 

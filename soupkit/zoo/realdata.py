@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from soupkit.errors import DataError
-from soupkit.io import atomic_write_text
+from soupkit.errors import DataError, ParameterError
+from soupkit.io import atomic_write_text, sha256_arrays
 from soupkit.runtime._compat import import_open_clip, import_torchvision
 
 __all__ = [
@@ -79,7 +79,7 @@ def per_class_heldout(targets: Sequence[int], per_class: int, seed: int) -> np.n
 def random_heldout(num_samples: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a seeded random ``fraction`` of ``num_samples`` (at least one, never all)."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+        raise ParameterError(f"held-out fraction must be in (0, 1), got {fraction}")
     count = min(max(1, round(num_samples * fraction)), num_samples - 1)
     return np.sort(np.random.default_rng(seed).permutation(num_samples)[:count]).astype(np.int64)
 
@@ -157,7 +157,7 @@ class ArrayImageDataset(Dataset):
 
     def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Callable | None = None) -> None:
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.targets, self.transform = images, [int(t) for t in labels], transform
 
     def __len__(self) -> int:
@@ -193,7 +193,7 @@ def _read_pickle(path: Path) -> dict:
 
 def _cifar_class(name: str) -> Any:
     if name not in CIFAR_FOLDERS:
-        raise ValueError(f"unknown CIFAR dataset {name!r}; expected one of {sorted(CIFAR_FOLDERS)}")
+        raise ParameterError(f"unknown CIFAR dataset {name!r}; expected one of {sorted(CIFAR_FOLDERS)}")
     datasets = import_torchvision().datasets
     return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
@@ -291,8 +291,7 @@ def cifar_splits(root: str | os.PathLike, name: str, transform: Callable, split_
     """CIFAR-10/100 (``name`` = "cifar10"/"cifar100") with a seeded random ``fraction`` of train held out."""
     images, labels, classes = read_cifar(root, name, train=True, verify_md5=verify_md5)
     test_images, test_labels, _ = read_cifar(root, name, train=False, verify_md5=verify_md5)
-    fingerprint = _fingerprint([name, hashlib.sha256(images.tobytes()).hexdigest(),
-                                hashlib.sha256(labels.tobytes()).hexdigest()])
+    fingerprint = _fingerprint([name, sha256_arrays(images), sha256_arrays(labels)])
     split = load_or_create_split(split_file, num_samples=len(labels), fingerprint=fingerprint,
                                  rule=f"fraction:{fraction}", seed=seed,
                                  make=lambda: random_heldout(len(labels), fraction, seed))

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from soupkit.errors import MissingInputError, ParameterError, ResumeError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.zoo.base import BaseZoo
 
@@ -64,11 +65,11 @@ class SourceSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCES[1:]:
-            raise ValueError(f"source kind must be one of {SOURCES[1:]}, got {self.kind!r}")
+            raise ParameterError(f"source kind must be one of {SOURCES[1:]}, got {self.kind!r}")
         if self.dataset not in _NUM_CLASSES:
-            raise ValueError(f"dataset must be one of {sorted(_NUM_CLASSES)}, got {self.dataset!r}")
+            raise ParameterError(f"dataset must be one of {sorted(_NUM_CLASSES)}, got {self.dataset!r}")
         if self.num_models < 1:
-            raise ValueError(f"num_models must be >= 1, got {self.num_models}")
+            raise ParameterError(f"num_models must be >= 1, got {self.num_models}")
 
     @property
     def classes(self) -> int:
@@ -84,14 +85,14 @@ class SourceSpec:
                 paths.append(st if st.is_file() else pt)
             missing = [p.name for p in paths if not p.is_file()]
             if missing:
-                raise FileNotFoundError(f"{folder}: {len(missing)} checkpoint(s) missing ({', '.join(missing[:3])}"
-                                        f"...); download them with `python -m soupkit.zoo.hub --out {folder}`")
+                raise MissingInputError(f"{folder}: {len(missing)} checkpoint(s) missing ({', '.join(missing[:3])}"
+                                       f"...); download them with `python -m soupkit.zoo.hub --out {folder}`")
             return paths
         lines = (folder / "models.jsonl").read_text().splitlines() if (folder / "models.jsonl").is_file() else []
         records = sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["index"])
         if len(records) < self.num_models:
-            raise FileNotFoundError(f"{folder}: the sweep has {len(records)} finished models, {self.num_models} "
-                                    "asked; run `python -m soupkit.zoo.sweep` further or lower num_models")
+            raise MissingInputError(f"{folder}: the sweep has {len(records)} finished models, {self.num_models} "
+                                   "asked; run `python -m soupkit.zoo.sweep` further or lower num_models")
         return [folder / r["file"] for r in records[: self.num_models]]
 
 
@@ -173,7 +174,7 @@ def _register(out: Path, spec: SourceSpec, device: str, eval_batch_size: int, pr
 
     old = _read(out / SOURCE_FILE)
     if old is not None and old != json.loads(json.dumps(asdict(spec))):
-        raise ValueError(f"{out / SOURCE_FILE} describes another zoo ({old}); use another folder")
+        raise ResumeError(f"{out / SOURCE_FILE} describes another zoo ({old}); use another folder")
     atomic_write_json(out / SOURCE_FILE, asdict(spec))
     paths = spec.checkpoint_paths()
     known = {r["index"]: r for r in _records(out)}
@@ -219,7 +220,7 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
             made absolute).
     """
     if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        raise ParameterError(f"source must be one of {SOURCES}, got {source!r}")
     if source == "embedded":
         from soupkit.zoo.config import ZooConfig
         from soupkit.zoo.build import build_zoo  # noqa: PLC0415
@@ -228,10 +229,10 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
                          device=device, num_threads=threads)
     missing = [name for name, value in (("checkpoint_dir", checkpoint_dir), ("data_root", data_root)) if not value]
     if missing:
-        raise ValueError(f"source {source!r} needs {' and '.join(missing)}")
+        raise ParameterError(f"source {source!r} needs {' and '.join(missing)}")
     split = split_file or (str(Path(checkpoint_dir) / "split.json") if source == "sweep" else "")
     if not split:
-        raise ValueError("source 'model-soups' needs split_file (where the held-out split is written and re-read)")
+        raise ParameterError("source 'model-soups' needs split_file (where the held-out split is written and re-read)")
     spec = SourceSpec(source, str(Path(checkpoint_dir).resolve()), num_models, dataset, str(Path(data_root).resolve()),
                       str(Path(split).resolve()), arch, num_classes, search_seed, workers)
     out = Path(out_dir)
@@ -251,7 +252,8 @@ def open_zoo(out_dir: str | os.PathLike) -> BaseZoo:
     records = {r["index"]: r for r in _records(out)}
     missing = [i for i in range(spec.num_models) if i not in records]
     if missing:
-        raise FileNotFoundError(f"{out}: models {missing[:5]}... not evaluated yet; run prepare_zoo (notebook 01) again")
+        raise MissingInputError(f"{out}: models {missing[:5]}... not evaluated yet; "
+                                "run prepare_zoo (notebook 01) again")
     return ExternalZoo(out, spec, tuple(records[i] for i in range(spec.num_models)))
 
 

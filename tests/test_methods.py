@@ -331,3 +331,13 @@ def test_the_hyperplane_variants_are_one_policy_object_each():
     assert torch.equal(RecentredSoup().initial_weights(4, 2, [[1, 3]])[:, 0], torch.tensor([0.0, 0.5, 0.0, 0.5]))
     with pytest.raises(ValueError, match="recenter"):
         config_for("mehl+", recenter=True, decentralize=False)
+
+
+def test_accuracy_is_the_exact_fraction_and_refuses_no_examples():
+    from soupkit.engine.evaluation import accuracy
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1])) == 2 / 3   # a count over N, not a float32 mean
+    assert accuracy(logits.repeat(10, 1)[:9], torch.tensor([0, 1, 0] * 3)) == 1.0
+    with pytest.raises(ValueError, match="no examples"):
+        accuracy(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))

@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from soupkit.engine.evaluation import accuracy
 from soupkit.errors import ZooMismatchError
 from soupkit.io import atomic_write_text, sha256_file
 from soupkit.runtime.progress import report
@@ -59,7 +60,7 @@ from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_task, read_split_file,
                                        regenerate_splits, split_path, tensor_loader, to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
-from soupkit.zoo.recipe import accuracy as _accuracy, load_train_data, pretrain_and_probe, PRETRAIN_FIELDS
+from soupkit.zoo.recipe import load_train_data, logits_of, pretrain_and_probe, PRETRAIN_FIELDS
 from soupkit.zoo.recipe import train as _train  # looked up here at each call: tests count fine-tunes
 
 __all__ = ["FinetuneHParams", "sample_hparams", "Zoo", "build_zoo", "load_zoo", "seeded_split_name", "zoo_splits"]
@@ -266,8 +267,8 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
                     "file": backbone.name,
                     "sha256": files.atomic_save(model.state_dict(), backbone, {"kind": "pretrained+lp"}),
                     "pretrain_seconds": round(time.perf_counter() - t0, 2),
-                    "lp_heldout_acc": _accuracy(model, data.held_x, data.held_y),
-                    "lp_test_acc": _accuracy(model, data.test_x, data.test_y),
+                    "lp_heldout_acc": accuracy(logits_of(model, data.held_x), data.held_y),
+                    "lp_test_acc": accuracy(logits_of(model, data.test_x), data.test_y),
                 },
             }
             report(f"{out.name}: backbone pre-trained and probed in {info['backbone']['pretrain_seconds']:.0f} s")
@@ -291,8 +292,8 @@ def build_zoo(out_dir: str | Path, config: ZooConfig = ZooConfig(), progress: bo
             sha = files.atomic_save(model.state_dict(), path, {"index": i, "hparams": asdict(hp)})
             records[i] = {
                 "index": i, "file": path.name, "sha256": sha, "hparams": asdict(hp),
-                "heldout_acc": _accuracy(model, data.held_x, data.held_y),
-                "test_acc": _accuracy(model, data.test_x, data.test_y),
+                "heldout_acc": accuracy(logits_of(model, data.held_x), data.held_y),
+                "test_acc": accuracy(logits_of(model, data.test_x), data.test_y),
                 "finetune_seconds": round(seconds, 2),
             }
             files.write_records(out, records)  # after the checkpoint: a line always points at a whole file

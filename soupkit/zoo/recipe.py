@@ -94,12 +94,10 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
-    """Top-1 accuracy on x [N, C, H, W], y [N]; small batches run faster on CPU (cache) than large ones."""
+def logits_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Logits ``[N, classes]`` of x ``[N, C, H, W]`` in eval mode; small batches run faster on CPU (cache)."""
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / len(y)
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def pretrain_and_probe(config: "ZooConfig", data: TrainData, device: str, progress: bool,

@@ -94,15 +94,21 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def make_checkpoints(model: nn.Module, k: int, directory: Path, seed: int = 0, noise: float = 1e-3) -> list[Path]:
+def make_checkpoints(model: nn.Module, k: int, directory: Path, seed: int = 0, noise: float = 1e-3,
+                     dtype: torch.dtype | None = None, device: str = "cpu") -> list[Path]:
     """K synthetic fine-tunes ``base + noise * std(tensor) * N(0, 1)`` (seeded per model) as safetensors.
 
+    ``dtype``: the files' floating dtype (None: the model's; float16 halves what is written and read, and the
+    reader then casts: ``CheckpointPool(cast_dtype=...)``). ``device``: where the noise is drawn (on a GPU, not
+    the CPU's ~2 s of ``randn`` per ViT-B/32 model measured here; other numbers than the CPU's).
     Files of an earlier run with the same manifest are reused.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    base = {k_: v.detach().cpu() for k_, v in model.state_dict().items()}
+    base = {k_: v.detach().to(device) for k_, v in model.state_dict().items()}
     manifest = {"keys": len(base), "numel": sum(v.numel() for v in base.values()), "seed": seed, "noise": noise,
                 "base_checksum": float(sum(v.double().sum() for v in base.values() if v.is_floating_point()))}
+    if dtype is not None or torch.device(device).type != "cpu":  # older manifests stay valid
+        manifest.update(dtype=str(dtype), noise_device=torch.device(device).type)
     paths = [directory / f"model_{i:03d}.safetensors" for i in range(k)]
     meta = directory / "manifest.json"
     if meta.exists() and json.loads(meta.read_text()).get("config") == manifest and all(p.exists() for p in paths):
@@ -113,9 +119,9 @@ def make_checkpoints(model: nn.Module, k: int, directory: Path, seed: int = 0, n
     stds = {key: (v.float().std().item() if v.numel() > 1 else abs(v.item())) or 1.0
             for key, v in base.items() if v.is_floating_point()}
     for i, path in enumerate(paths):
-        gen = torch.Generator().manual_seed(seed * 100_003 + i + 1)
-        state = {key: (torch.randn(v.shape, generator=gen, dtype=v.dtype).mul_(noise * stds[key]).add_(v)
-                       if v.is_floating_point() else v.clone()).contiguous()
+        gen = torch.Generator(device=device).manual_seed(seed * 100_003 + i + 1)
+        state = {key: (torch.randn(v.shape, generator=gen, dtype=v.dtype, device=v.device).mul_(noise * stds[key])
+                       .add_(v).to(dtype or v.dtype) if v.is_floating_point() else v.clone()).cpu().contiguous()
                  for key, v in base.items()}
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(state, str(tmp))

@@ -66,6 +66,11 @@ class Launcher:
         self._lines: "queue.Queue[str | None]" = queue.Queue()
         self._err = tempfile.TemporaryFile(mode="w+")
 
+    def start(self) -> None:
+        """Start the template now, so that its imports overlap the caller's other work (no-op without fork)."""
+        if self.fork and (self.proc is None or self.proc.poll() is not None):
+            self._start()
+
     def _start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, str(self.script), "_template"], cwd=str(ROOT),
                                      env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,

@@ -20,13 +20,14 @@ from soupkit import CheckpointPool  # noqa: E402
 
 
 # ---- (b): MEHL-Soup+ inner step vs plain training step ----------------------------------------------------------
-def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: str, cfg: Any):
+def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: str, cfg: Any,
+                cast_checkpoints: bool = False):
     """The HyperplaneSpace that ``make_soup("mehl+")`` builds for its first block (no recentring; ``cfg``'s
-    clip, direction dtype and autocast)."""
+    clip, direction dtype and autocast; ``cast_checkpoints``: files in another dtype, cast when read)."""
     from soupkit.engine.layers import layer_map  # noqa: PLC0415
     from soupkit.engine.loop import HyperplaneSpace  # noqa: PLC0415
 
-    pool = CheckpointPool([str(p) for p in paths[:b]])
+    pool = CheckpointPool([str(p) for p in paths[:b]], cast_dtype=torch.float32 if cast_checkpoints else None)
     layers = layer_map(model, True)
     centre = pool.center(device, torch.float32)
     centre = {key: centre[key] for key in layers.forward_keys}
@@ -40,7 +41,7 @@ def _mehl_space(model: nn.Module, paths: Sequence[str | Path], b: int, device: s
 
 def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, device: str, b: int, batch_size: int,
                warmup: int = 1, pairs: int = 6, seed: int = 0,
-               soup_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               soup_options: dict[str, Any] | None = None, cast_checkpoints: bool = False) -> dict[str, Any]:
     """Seconds of one MEHL-Soup+ inner step and of one plain training step, paired and alternating.
 
     MEHL step: ``soupkit.engine.loop.optimise`` for one step over the b-model HyperplaneSpace that make_soup builds
@@ -58,7 +59,7 @@ def time_steps(paths: Sequence[str | Path], *, arch: str, num_classes: int, devi
     x, y = heldout(batch_size, batch_size, image_size(model), num_classes, seed)[0]
     loader = [(x, y)]  # every step sees this one batch
     cfg = config_for("mehl+", device=device, progress=False, **(soup_options or {}))
-    space, w = _mehl_space(model, paths, b, device, cfg)
+    space, w = _mehl_space(model, paths, b, device, cfg, cast_checkpoints)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
     plain_batches = BatchStream(loader, device)

@@ -26,14 +26,16 @@ from soupkit.runtime.memory import current_rss_bytes  # noqa: E402
 # ---- (a) + (c): one soup, measured by the core ------------------------------------------------------------------
 def run_soup(method: str, k: int, paths: Sequence[str | Path], *, arch: str, num_classes: int, device: str,
              b: int, inner_iterations: int, heldout_images: int, batch_size: int, seed: int = 0,
-             outer_iterations: int | None = None, soup_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             outer_iterations: int | None = None, soup_options: dict[str, Any] | None = None,
+             cast_checkpoints: bool = False) -> dict[str, Any]:
     """``make_soup(method)`` on the first ``k`` checkpoints; one result row (call it in a fresh process).
 
     ``outer_iterations`` (MEHL only) stops after that many blocks of b models instead of one pass over K;
-    ``soup_options`` are further ``make_soup`` options (``--soup-option``).
+    ``soup_options`` are further ``make_soup`` options (``--soup-option``); ``cast_checkpoints``: the files are
+    in another floating dtype than the model (e.g. float16) and are cast to float32 when read.
     """
     model = build_model(arch, num_classes, seed).to(device)
-    pool = CheckpointPool([str(p) for p in paths[:k]])
+    pool = CheckpointPool([str(p) for p in paths[:k]], cast_dtype=torch.float32 if cast_checkpoints else None)
     loader = heldout(heldout_images, batch_size, image_size(model), num_classes, seed)
     options: dict[str, Any] = {"device": device, "inner_iterations": inner_iterations, "progress": False,
                                "seed": seed, **(soup_options or {})}

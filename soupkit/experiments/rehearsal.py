@@ -72,12 +72,12 @@ SEED = 0
 class Sizes:
     """How big the stand-ins are (the defaults: what presets/rehearsal.yaml expects)."""
 
-    num_models: int = 6  # model-soups checkpoints (the release has 72)
+    num_models: int = 4  # model-soups checkpoints (the release has 72)
     train_per_class: int = 30  # ImageNet train images per class, 26 of them held out
     val_per_class: int = 6
     cifar_train: int = 400
     cifar_test: int = 100
-    sweep_models: int = 4  # fine-tunes per sweep folder (the paper's sweeps: 32)
+    sweep_models: int = 2  # fine-tunes per sweep folder (the paper's sweeps: 32)
     sweep_steps: int = 2  # optimizer steps per fine-tune
 
 
@@ -98,12 +98,35 @@ def _register(folder: Path) -> None:
             open_clip.add_model_config(folder / f"{name}.json")
 
 
-def write_model_soups_release(folder: Path, num_models: int, num_classes: int, seed: int = SEED) -> dict[str, str]:
+def _centroid_head(clip: Any, imagenet: Path, num_classes: int) -> Any:
+    """[C, D]: the normalised mean image feature of each class of ``imagenet/train`` (a nearest-centroid head), so
+    the stand-in models score above chance and differ from one another, as fine-tunes do."""
+    import torch  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    from soupkit.zoo.clip import preprocess_config  # noqa: PLC0415
+    from soupkit.zoo.realdata import clip_transform  # noqa: PLC0415
+
+    transform = clip_transform(preprocess_config(clip))
+    folders = sorted(p for p in (imagenet / "train").iterdir() if p.is_dir())
+    if len(folders) != num_classes:
+        raise ValueError(f"{imagenet / 'train'}: {len(folders)} class folders, {num_classes} expected")
+    rows = []
+    with torch.no_grad():
+        for folder in folders:
+            images = torch.stack([transform(Image.open(f).convert("RGB")) for f in sorted(folder.iterdir())])
+            rows.append(torch.nn.functional.normalize(clip.visual(images), dim=-1).mean(0))
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def write_model_soups_release(folder: Path, num_models: int, imagenet: Path, num_classes: int = len(WNIDS),
+                              seed: int = SEED) -> dict[str, str]:
     """``model_{i}.pt`` (i < num_models) in the layout model-soups saves and ``checksums.json``; returns
     ``{file name: sha256}``.
 
     Every model is one random CLIP image tower (the text transformer deleted, as ``ModelWrapper`` does, which
-    leaves six text tensors) plus a small seeded perturbation: fine-tunes of one start point.
+    leaves six text tensors) with a nearest-centroid head on ``imagenet``, plus a seeded perturbation growing with
+    ``i``: fine-tunes of one start point that are not all equally good.
     """
     import torch  # noqa: PLC0415
 
@@ -111,15 +134,17 @@ def write_model_soups_release(folder: Path, num_models: int, num_classes: int, s
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    clip = create_clip(VIT_B32)
+    clip = create_clip(VIT_B32).eval()
+    head = 20.0 * _centroid_head(clip, imagenet, num_classes)  # x 20: logits of a trained head's scale
     del clip.transformer
     base = {f"model.{k}": v.detach().clone() for k, v in clip.state_dict().items()}
-    base["classification_head.weight"] = torch.randn(num_classes, int(clip.visual.output_dim))
+    base["classification_head.weight"] = head
     base["classification_head.bias"] = torch.zeros(num_classes)
     checksums = {}
     for i in range(num_models):
         noise = torch.Generator().manual_seed(seed * 1000 + i + 1)
-        state = {k: v + 0.02 * v.std().nan_to_num(1.0).clamp_min(1e-3) * torch.randn(v.shape, generator=noise)
+        scale = 0.05 * (1 + i)
+        state = {k: v + scale * v.std().clamp_min(1e-3) * torch.randn(v.shape, generator=noise)
                  if v.is_floating_point() and v.numel() > 1 else v.clone() for k, v in base.items()}
         path = folder / f"model_{i}.pt"
         torch.save(state, path)
@@ -326,13 +351,13 @@ def make_inputs(out: Path, sizes: Sizes | None = None) -> dict[str, Path]:
     paths = {"configs": configs, "release": out / "release", "checkpoints": out / "checkpoints" / "model-soups",
              "imagenet": out / "imagenet", "cifar": out / "cifar", "zoos": out / "zoos"}
     stamp = out / "done.json"
-    wanted = {"sizes": asdict(sizes), "archs": ARCHS, "seed": SEED}
+    wanted = {"version": 2, "sizes": asdict(sizes), "archs": ARCHS, "seed": SEED}  # version: of this writer
     done = json.loads(stamp.read_text()) if stamp.is_file() else None
     if done != json.loads(json.dumps(wanted)):
         if done is not None:
             raise FileExistsError(f"{out} holds stand-ins of other sizes ({stamp}); delete the folder")
         write_imagenet(paths["imagenet"], sizes.train_per_class, sizes.val_per_class)
-        write_model_soups_release(paths["release"], sizes.num_models, len(WNIDS))
+        write_model_soups_release(paths["release"], sizes.num_models, paths["imagenet"])
         write_cifar(paths["cifar"], sizes.cifar_train, sizes.cifar_test)
         write_sweeps(paths["zoos"], paths["cifar"], configs, sizes.sweep_models, sizes.sweep_steps)
         atomic_write_json(stamp, wanted)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from soupkit.experiments import rehearsal, runner
 from soupkit.runtime._compat import MODEL_CONFIGS_ENV, import_open_clip, import_torchvision
@@ -48,7 +50,8 @@ def test_rehearsal_differs_only_in_paths_sizes_and_device():
 def test_out_dir_in_a_preset_value_is_the_run_folder(tmp_path):
     folder = runner.find_notebooks(Path(__file__).parent)
     params = runner.notebook_parameters("rehearsal", "01_zoo", folder, tmp_path / "run")
-    assert Path(folder, params["checkpoint_dir"]).resolve() == tmp_path / "run" / "inputs" / "checkpoints" / "model-soups"
+    expected = tmp_path / "run" / "inputs" / "checkpoints" / "model-soups"
+    assert Path(folder, params["checkpoint_dir"]).resolve() == expected
     assert "{out_dir}" not in json.dumps(params)
 
 
@@ -97,8 +100,9 @@ def test_prepare_zoo_registers_the_downloaded_checkpoints(inputs, tmp_path):
     from soupkit.zoo.sources import prepare_zoo
 
     rehearsal.download_release(inputs / "release", tmp_path / "ckpt", SMALL.num_models)
-    zoo = prepare_zoo(tmp_path / "zoo", "model-soups", num_models=SMALL.num_models, checkpoint_dir=str(tmp_path / "ckpt"),
-                      dataset="imagenet", data_root=str(inputs / "imagenet"), split_file=str(tmp_path / "split.json"),
+    zoo = prepare_zoo(tmp_path / "zoo", "model-soups", num_models=SMALL.num_models,
+                      checkpoint_dir=str(tmp_path / "ckpt"), dataset="imagenet", data_root=str(inputs / "imagenet"),
+                      split_file=str(tmp_path / "split.json"),
                       arch=rehearsal.VIT_B32, workers=0, progress=False)
     assert zoo.spec.num_classes == len(rehearsal.WNIDS)  # from the heads, not ImageNet's 1000
     assert len(zoo.records) == 2 and all(0 <= r["heldout_acc"] <= 1 for r in zoo.records)
@@ -113,7 +117,7 @@ def test_imagenet_tree_splits_26_per_class_or_by_model_soups_mask(inputs, tmp_pa
     data = imagenet_splits(inputs / "imagenet", transform, tmp_path / "split.json")
     assert data.classes == rehearsal.WNIDS and len(data.heldout) == 26 * 10 and len(data.train) == 10
     assert all(p.endswith(".JPEG") and Path(p).parent.name in rehearsal.WNIDS for p, _ in data.train.dataset.samples)
-    modes = {__import__("PIL.Image").Image.open(p).mode for p, _ in data.train.dataset.samples}
+    modes = {Image.open(p).mode for p, _ in data.train.dataset.samples}
     assert {"RGB", "L", "CMYK"} <= modes and data.heldout[0][0].shape == (3, 16, 16)  # every mode becomes RGB
     images = [data.train.dataset[i][0] for i in range(len(data.train.dataset))]
     assert all(x.shape == (3, 16, 16) for x in images)
@@ -129,7 +133,8 @@ def test_cifar_pickles_read_as_the_published_files(inputs):
     with open(c10 / "data_batch_1", "rb") as fh:
         entry = pickle.load(fh, encoding="bytes")  # how the CIFAR page says to read them: keys are bytes
     assert set(entry) == {b"batch_label", b"labels", b"data", b"filenames"} and entry[b"data"].dtype == np.uint8
-    assert (c10 / "data_batch_1").read_bytes()[:2] == b"\x80\x02" and b"numpy.core.multiarray" in (c10 / "test_batch").read_bytes()
+    raw = (c10 / "test_batch").read_bytes()
+    assert raw[:2] == b"\x80\x02" and b"numpy.core.multiarray" in raw  # protocol 2, numpy 1.x class paths
     with open(inputs / "cifar" / "cifar-100-python" / "train", "rb") as fh:
         assert set(pickle.load(fh, encoding="bytes")) == {b"filenames", b"batch_label", b"fine_labels",
                                                           b"coarse_labels", b"data"}
@@ -153,7 +158,7 @@ def test_stand_in_architectures_resolve_by_name_through_the_environment(inputs, 
 
     code = ("from soupkit.runtime._compat import import_open_clip; m = import_open_clip();"
             f"print({rehearsal.RN101!r} in m.list_models())")
-    env = {**__import__("os").environ, MODEL_CONFIGS_ENV: str(inputs / "configs")}
+    env = {**os.environ, MODEL_CONFIGS_ENV: str(inputs / "configs")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
     monkeypatch.setenv(MODEL_CONFIGS_ENV, str(inputs / "missing"))

@@ -226,7 +226,8 @@ class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch tab
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):  # numpy 1.x's reduce of a uint8 array, its bytes a Python 2 str
             dtype = (_Global("numpy", "dtype"), (_Py2Str(b"u1"), 0, 1), (3, _Py2Str(b"|"), None, None, None, -1, -1, 0))
-            return (_Global("numpy.core.multiarray", "_reconstruct"), (_Global("numpy", "ndarray"), (0,), _Py2Str(b"b")),
+            empty = (_Global("numpy", "ndarray"), (0,), _Py2Str(b"b"))
+            return (_Global("numpy.core.multiarray", "_reconstruct"), empty,
                     (1, obj.shape, _DtypeState(dtype), False, _Py2Str(np.ascontiguousarray(obj).tobytes())))
         if isinstance(obj, _DtypeState):
             return obj.reduced
@@ -379,7 +380,8 @@ def setup(out_dir: str | os.PathLike) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m soupkit.experiments.rehearsal --out DIR``: write the stand-ins and download the checkpoints."""
-    parser = argparse.ArgumentParser(prog="python -m soupkit.experiments.rehearsal", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m soupkit.experiments.rehearsal",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the stand-ins (e.g. outputs/rehearsal/inputs)")
     for name, value in asdict(Sizes()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)

@@ -148,7 +148,7 @@ def test_the_defaults_pass_their_own_check(path, monkeypatch):
     exec(code[1].source.replace("import os\n", "").replace("os.environ", "{}"), namespace)  # noqa: S102
 
 
-@pytest.mark.parametrize("preset", ["smoke", "embedded", "paper", "seeds"])
+@pytest.mark.parametrize("preset", ["smoke", "embedded", "paper", "seeds", "rehearsal"])
 def test_every_preset_value_has_its_parameters_type(preset):
     spec = runner.load_preset(preset)
     for path in NOTEBOOKS:

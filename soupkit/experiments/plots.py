@@ -277,6 +277,7 @@ def plot_main_table(table: pd.DataFrame, title: str, reference: str = "uniform",
         ax.annotate("reference", (0, ref_row), xytext=(4, 0), textcoords="offset points", va="center",
                     fontsize=7, color="0.3", style="italic")
         span = np.nanmax(np.abs(frame.to_numpy(dtype=float))) if frame.notna().any().any() else 1.0
+        span = span or 1.0  # every soup predicting alike (differences all 0) would make a singular axis
         ax.set_xlim(-1.15 * span, 1.15 * span)
         ax.set_xlabel(f"test accuracy − {DISPLAY.get(reference, reference)} (points)\n95 % interval: {kind}")
 

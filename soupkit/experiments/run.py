@@ -181,12 +181,29 @@ def run_method(spec: RunSpec, progress: bool = False) -> dict[str, Any]:
     return record
 
 
+def _stop_workers(loaders: dict[str, Any]) -> None:
+    """Stop the loaders' persistent DataLoader workers now. Left to the garbage collector, a loader can be
+    collected inside a process forked later (the next run's workers) and print "can only test a child process"."""
+    for loader in loaders.values():
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def _run_method(spec: RunSpec, progress: bool) -> dict[str, Any]:
     zoo = open_zoo(spec.zoo_dir)
+    loaders = zoo.loaders(spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction, spec.seed)
+    try:
+        return _run_on(spec, zoo, loaders, progress)
+    finally:
+        _stop_workers(loaders)
+
+
+def _run_on(spec: RunSpec, zoo: Any, loaders: dict[str, Any], progress: bool) -> dict[str, Any]:
     indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
     pool = CheckpointPool([zoo.paths[i] for i in indices])
     model = zoo.make_model()
-    loaders = zoo.loaders(spec.heldout_size, spec.batch_size, spec.eval_batch_size, spec.select_fraction, spec.seed)
     options = {"progress": progress, "seed": spec.seed, "device": spec.device, **spec.options}
     if loaders["select"] is not None and METHODS[spec.method].learned:
         options["select_loader"] = loaders["select"]

@@ -12,6 +12,11 @@ A preset is ``presets/<name>.yaml``::
     notebooks:
       02_main_table: {heldout_size: 1000}
     only: [10_seeds]                   # optional: run just these (default: every notebook but EXTRA)
+    setup: soupkit.experiments.rehearsal:setup   # optional: called with the out folder before any notebook
+
+A string value may hold ``{out_dir}``: the run's output folder, relative to ``notebooks/`` as every path there.
+``setup`` makes inputs before the notebooks run (the rehearsal preset's stand-ins) and returns environment
+variables for their kernels.
 
 Only parameters a notebook declares in its ``parameters`` cell are passed to it. Executed notebooks go to
 ``<out>/notebooks/``; the notebooks write their CSV/JSON under ``<out>`` and their figures and tables under
@@ -120,10 +125,11 @@ def load_preset(name_or_path: str, notebooks: str | os.PathLike | None = None) -
         known = sorted(p.stem for p in presets.glob("*.yaml"))
         raise FileNotFoundError(f"preset {name_or_path!r} not found (known presets: {known})")
     preset = yaml.safe_load(path.read_text()) or {}
-    extra = sorted(set(preset) - {"description", "common", "notebooks", "only"})
+    extra = sorted(set(preset) - {"description", "common", "notebooks", "only", "setup"})
     if extra:
         raise ValueError(f"{path} is not a runner preset (unexpected keys {extra[:3]}...): a runner preset has "
-                         "'description', 'common', 'notebooks' and optionally 'only'; see presets/README.md")
+                         "'description', 'common', 'notebooks' and optionally 'only' and 'setup'; see "
+                         "presets/README.md")
     preset.setdefault("common", {})
     preset.setdefault("notebooks", {})
     return preset
@@ -135,9 +141,27 @@ def _declared_parameters(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
-def notebook_parameters(preset: str, name: str, notebooks: str | os.PathLike | None = None) -> dict[str, Any]:
+def _with_out_dir(params: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """``params`` with ``{out_dir}`` in string values replaced by ``out_dir``."""
+    return {k: v.replace("{out_dir}", out_dir) if isinstance(v, str) else v for k, v in params.items()}
+
+
+def _run_setup(target: str, out: Path) -> dict[str, str]:
+    """Call a preset's ``setup`` (``module:function``) with the output folder; returns the environment it asks for."""
+    import importlib  # noqa: PLC0415
+
+    module, _, function = target.partition(":")
+    if not function:
+        raise ValueError(f"a preset's setup is 'module:function', got {target!r}")
+    env = getattr(importlib.import_module(module), function)(out) or {}
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def notebook_parameters(preset: str, name: str, notebooks: str | os.PathLike | None = None,
+                        out: str | os.PathLike = "outputs") -> dict[str, Any]:
     """The parameters ``preset`` gives notebook ``name`` (its ``common`` and ``notebooks.<name>`` entries, only
-    the names the notebook declares): what to hand to ``papermill -f`` to run that notebook alone."""
+    the names the notebook declares; ``{out_dir}`` is ``out``, relative to the notebooks folder): what to hand to
+    ``papermill -f`` to run that notebook alone."""
     folder = _folder(notebooks)
     spec = load_preset(preset, folder)
     path = folder / f"{name}.ipynb"
@@ -145,7 +169,8 @@ def notebook_parameters(preset: str, name: str, notebooks: str | os.PathLike | N
         available = [n for n in NOTEBOOKS if (folder / f"{n}.ipynb").exists()]
         raise ValueError(f"unknown notebook {name!r}; available: {', '.join(available)}")
     declared = _declared_parameters(path)
-    params = {**spec["common"], **(spec["notebooks"].get(name) or {})}
+    params = _with_out_dir({**spec["common"], **(spec["notebooks"].get(name) or {})},
+                           os.path.relpath(Path(out).resolve(), folder))
     return {key: value for key, value in params.items() if key in declared}
 
 
@@ -242,9 +267,15 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     figures = folder.parent / "figures" if update_committed else out / "figures"
+    setup_env: dict[str, str] = {}
+    if spec.get("setup"):  # the preset's inputs, before any notebook; kernels inherit the environment it gives
+        print(f"setup: {spec['setup']} -> {out}", flush=True)
+        setup_env = _run_setup(spec["setup"], out)
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if jobs > 1:  # kernels inherit the environment: keep jobs x threads within the machine's cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env_before = {key: os.environ.get(key) for key in setup_env}
+    os.environ.update(setup_env)
     lock = threading.Lock()
 
     def say(line: str) -> None:
@@ -258,6 +289,7 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
         params["out_dir"] = os.path.relpath(out, folder)
         # figures/ holds the committed results (--update-committed); any other run draws under <out>
         params["figures_dir"] = os.path.relpath(figures, folder)
+        params = _with_out_dir(params, params["out_dir"])
         declared = _declared_parameters(source)
         params = {key: value for key, value in params.items() if key in declared}
         target = out / "notebooks" / f"{name}.ipynb"
@@ -308,6 +340,11 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
             os.environ.pop("OMP_NUM_THREADS", None)
         elif jobs > 1:
             os.environ["OMP_NUM_THREADS"] = env_threads
+        for key, value in env_before.items():  # the runner's own environment as it was before setup
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     wall = time.perf_counter() - started
     print(f"{len(timings)} of {len(names)} notebooks done in {wall:.0f} s wall ({jobs} at a time); "
           f"executed copies in {out / 'notebooks'}")
@@ -359,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     try:
         spec = load_preset(args.preset, folder)
         if args.params:
-            print(yaml.safe_dump(notebook_parameters(args.preset, args.params, folder), sort_keys=False), end="")
+            print(yaml.safe_dump(notebook_parameters(args.preset, args.params, folder, args.out), sort_keys=False),
+                  end="")
             return []
         _select(spec, args.only, folder)
     except (FileNotFoundError, ValueError) as err:

@@ -5,10 +5,15 @@ PyPI's torchvision wheel carries compiled ops linked against CUDA torch; with a 
 (pytorch/vision#9085). The pure-Python parts (transforms, models) that open_clip and timm need still
 work once the two operator schemas exist. The work-around below acts ONLY on that exact error, so on
 a machine where torchvision imports normally it does nothing.
+
+``import_open_clip`` also registers the open_clip model configs named by ``SOUPKIT_OPEN_CLIP_CONFIGS`` (JSON files
+or folders of them, ``os.pathsep``-separated): an architecture of one's own then resolves by name in every process
+that a run starts (notebook kernels, isolated soups), as open_clip's own configs do.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -16,6 +21,8 @@ import torch
 
 _FRAGMENT: "torch.library.Library | None" = None  # kept alive for the process: the schemas live with it
 _MISSING_OP = "operator torchvision::nms does not exist"
+MODEL_CONFIGS_ENV = "SOUPKIT_OPEN_CLIP_CONFIGS"
+_REGISTERED: set[str] = set()  # config paths already added in this process
 
 
 def _define_missing_schemas() -> None:
@@ -41,9 +48,17 @@ def import_torchvision() -> ModuleType:
 
 
 def import_open_clip() -> ModuleType:
-    """Import open_clip (which imports torchvision) with the guard above applied first."""
+    """Import open_clip (which imports torchvision) with the guard above applied first, and register the model
+    configs of ``SOUPKIT_OPEN_CLIP_CONFIGS`` (once per path and process)."""
     import_torchvision()
-    return importlib.import_module("open_clip")
+    open_clip = importlib.import_module("open_clip")
+    for entry in os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep):
+        if entry and entry not in _REGISTERED:
+            if not os.path.exists(entry):
+                raise FileNotFoundError(f"{MODEL_CONFIGS_ENV} names {entry!r}, which does not exist")
+            open_clip.add_model_config(entry)
+            _REGISTERED.add(entry)
+    return open_clip
 
 
 def torchvision_patched() -> bool:

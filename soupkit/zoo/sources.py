@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from soupkit.errors import MissingInputError, ParameterError, ResumeError
+from soupkit.errors import DataError, MissingInputError, ParameterError, ResumeError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.zoo.base import BaseZoo
 
@@ -103,7 +103,11 @@ def _data(spec: SourceSpec, keep_text: bool) -> Any:
 
     transform = realdata.clip_transform(preprocess_config(build_model_soups_model(
         spec.classes, spec.arch, keep_text_leftovers=keep_text)))
-    return realdata.dataset_splits(spec.dataset, spec.data_root, transform, spec.split_file, seed=spec.seed)
+    data = realdata.dataset_splits(spec.dataset, spec.data_root, transform, spec.split_file, seed=spec.seed)
+    if len(data.classes) != spec.classes:  # else labels and logits would disagree without an error
+        raise DataError(f"{spec.data_root}: {len(data.classes)} classes, but the zoo's heads have {spec.classes} "
+                        "outputs; point data_root at the data set the checkpoints were fine-tuned on")
+    return data
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,16 @@ def _register(out: Path, spec: SourceSpec, device: str, eval_batch_size: int, pr
     return open_zoo(out)
 
 
+def _head_rows(path: Path) -> int:
+    """Outputs of the classification head of checkpoint ``path`` (read from its tensor specs, not its values)."""
+    from soupkit.pool.checkpoint_pool import CheckpointPool  # noqa: PLC0415
+
+    spec = CheckpointPool([path]).spec
+    if "classification_head.weight" not in spec:
+        raise ValueError(f"{path}: no 'classification_head.weight'; is this a model-soups classifier checkpoint?")
+    return int(spec["classification_head.weight"].shape[0])
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -235,6 +249,8 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
         raise ParameterError("source 'model-soups' needs split_file (where the held-out split is written and re-read)")
     spec = SourceSpec(source, str(Path(checkpoint_dir).resolve()), num_models, dataset, str(Path(data_root).resolve()),
                       str(Path(split).resolve()), arch, num_classes, search_seed, workers)
+    if num_classes is None:  # the heads say how many classes they were fine-tuned on (ImageNet: 1000)
+        spec = replace(spec, num_classes=_head_rows(spec.checkpoint_paths()[0]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _register(out, spec, device, eval_batch_size, progress)

@@ -65,9 +65,12 @@ def test_in_process_run_writes_csv_summary_and_figure(bench, bench_common, tmp_p
     assert sorted(r["method"] for r in rows) == sorted(bench_common.METHODS)
     for r in rows:
         assert r["status"] == "ok" and r["K"] == "2"
-        for col in ("peak_memory_bytes", "seconds_total", "seconds_per_epoch", "epochs", "num_parameters",
-                    "model_bytes", "start_rss_bytes"):
+        for col in ("seconds_total", "seconds_per_epoch", "epochs", "num_parameters", "model_bytes",
+                    "start_rss_bytes"):
             assert float(r[col]) > 0, (r["method"], col, r[col])
+        # in-process, a tiny model's ~100 KB peak can fit in heap this pytest process already holds (RSS does not
+        # grow, so the peak above the start reads 0; seen once in a full run): > 0 is checked in fresh processes
+        assert float(r["peak_memory_bytes"]) >= 0, (r["method"], r["peak_memory_bytes"])
         assert r["device"] == "cpu" and r["torch_version"] and r["device_name"]
     assert next(r for r in rows if r["method"] == "mehl+")["model_batch_size"] == "2"
     saved = json.loads((tmp_path / "summary_cpu.json").read_text())

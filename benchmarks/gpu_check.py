@@ -12,7 +12,7 @@
    ``gpu_check_drift.py``).
 
     python benchmarks/gpu_check.py --device cuda --out outputs/gpu_check      # one GPU, <= 8 min (estimate)
-    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check  # every code path, tiny sizes
+    python benchmarks/gpu_check.py --device cpu --quick --out outputs/gpu_check_cpu  # every code path, tiny sizes
 
 ``--quick`` shrinks parts 2 and 3 to the tiny open_clip ViT of the benchmark tests and K = 2, 4 (a smoke test
 of the code, not a result). Outputs under ``--out``: ``part1_equality.csv``, ``part2_memory.csv``,

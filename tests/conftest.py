@@ -39,6 +39,22 @@ class TiedNet(nn.Module):
         return self.head(h @ self.dec.weight)
 
 
+def load_benchmark(script: str):
+    """``benchmarks/<script>.py`` loaded by path as ``soupkit_bench_<script>``; the entry script puts benchmarks/ on
+    sys.path for its helper modules."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = f"soupkit_bench_{script}"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_files(states: list[dict], directory, fmt: str = "safetensors") -> list:
     """Write each state dict to ``directory/m{i}.{fmt}`` (safetensors, or torch.save for pt/pth)."""
     import soupkit  # noqa: PLC0415

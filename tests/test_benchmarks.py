@@ -7,10 +7,10 @@ import importlib
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     """The entry script, loaded by path; it puts benchmarks/ on sys.path for its helper modules."""
-    spec = importlib.util.spec_from_file_location("soupkit_bench_memory_time", ROOT / "benchmarks" / "memory_time.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory_time")
 
 
 def _helper(name: str):

@@ -3,14 +3,12 @@ part 1 on one device is exact, and a check with tolerance 0 on a perturbed input
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 PART_COLUMNS = {
     "part1_equality.csv": {"method", "device", "reference", "acc_reference", "acc_device", "max_abs_dcoef",
@@ -26,11 +24,7 @@ PART_COLUMNS = {
 @pytest.fixture(scope="module")
 def gpu_check():
     """The entry script, loaded by path; it puts benchmarks/ on sys.path for its helper modules."""
-    spec = importlib.util.spec_from_file_location("soupkit_bench_gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

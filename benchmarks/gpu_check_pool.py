@@ -61,7 +61,8 @@ class TinyPool:
     """The base model, K fine-tunes as safetensors in ``directory``, held-out and test batches.
 
     Attributes:
-        paths: the K checkpoint files. heldout: batches ``(x [40, 10], y [40])`` the soups learn on (160
+        paths: the K checkpoint files; pretrained: the base model's file (θ_0, for Model Stock and task
+        arithmetic). heldout: batches ``(x [40, 10], y [40])`` the soups learn on (160
         examples); test: batches of the 400 examples the soups are scored on (1 example = 0.25 points).
     """
 
@@ -84,6 +85,8 @@ class TinyPool:
             soupkit.save_state_dict({n: t.detach().clone() for n, t in model.state_dict().items()}, path)
             self.paths.append(path)
         self.base = base
+        self.pretrained = Path(directory) / "tiny_pretrained.safetensors"
+        soupkit.save_state_dict({n: t.detach().clone() for n, t in base.state_dict().items()}, self.pretrained)
 
     @staticmethod
     def _train(model: nn.Module, x: Tensor, y: Tensor, lr: float, steps: int, gen: torch.Generator) -> None:
@@ -115,7 +118,8 @@ def run_method(name: str, pool: TinyPool, device: str, heldout: Batches | None =
     """``make_soup(name)`` on the tiny pool on ``device``: coefficients ``[K]`` or ``[K, L]`` (on CPU, float32),
     the soup's weights (on CPU; None for the ensemble) and the test accuracy (also as a count of examples)."""
     model = TinyNet().to(device)
-    result: SoupResult = make_soup(name, model, CheckpointPool([str(p) for p in pool.paths]),
+    result: SoupResult = make_soup(name, model, CheckpointPool([str(p) for p in pool.paths],
+                                                               pretrained=str(pool.pretrained)),
                                    heldout if heldout is not None else pool.heldout, device=device,
                                    **{**method_options(name), **options})
     acc = evaluate(model, result, pool.test, device)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig
-from soupkit.errors import OneLineArgumentParser, SoupkitError
+from soupkit.errors import MissingPretrainedError, OneLineArgumentParser, SoupkitError
 from soupkit.methods.registry import METHODS, config_for, make_soup
 from soupkit.pool.checkpoint_pool import CheckpointPool
 
@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--arch", help="open_clip architecture of model-soups-style checkpoints, e.g. ViT-B-32-quickgelu")
     p.add_argument("--pool", nargs="+", default=[], metavar="PATH_OR_GLOB", help=".safetensors/.pt checkpoints")
     p.add_argument("--pool-list", help="text file with one checkpoint path a line")
+    p.add_argument("--pretrained", help="the checkpoint the fine-tunes started from (θ_0), which model_stock and "
+                   "task_arithmetic need (default on --zoo: the zoo's own, e.g. backbone.safetensors)")
     p.add_argument("--data", choices=sorted(_NUM_CLASSES), help="dataset of --arch checkpoints")
     p.add_argument("--data-root", help="ImageNet folders or the CIFAR python files (--arch)")
     p.add_argument("--split-file", help="held-out split JSON, created on first use (--arch; default "
@@ -180,15 +182,16 @@ def _zoo_inputs(args: argparse.Namespace, pool_paths: list[Path]) -> tuple:
     heldout = MAIN_TABLE_SETTINGS["heldout_size"] if args.heldout_size is None else (args.heldout_size or None)
     loaders = zoo.loaders(heldout, args.batch_size, args.eval_batch_size or MAIN_TABLE_SETTINGS["eval_batch_size"],
                           args.select_fraction, args.seed)
-    return zoo.make_model(), CheckpointPool(pool_paths or zoo.paths), loaders["learn"], loaders["select"], \
-        loaders["test"]
+    pretrained = args.pretrained or zoo.pretrained_path  # θ_0 for model_stock / task_arithmetic
+    return zoo.make_model(), CheckpointPool(pool_paths or zoo.paths, pretrained=pretrained), loaders["learn"], \
+        loaders["select"], loaders["test"]
 
 
 def _arch_inputs(args: argparse.Namespace, pool_paths: list[Path], rank: int, world: int) -> tuple:
     from soupkit.zoo import realdata  # noqa: PLC0415  (torchvision, open_clip: only for --arch runs)
     from soupkit.zoo.clip import TEXT_LEFTOVER_KEYS, build_model_soups_model, preprocess_config  # noqa: PLC0415
 
-    pool = CheckpointPool(pool_paths)
+    pool = CheckpointPool(pool_paths, pretrained=args.pretrained)
     keep = any(k in pool.spec for k in TEXT_LEFTOVER_KEYS)  # unconverted model-soups files hold them
     model = build_model_soups_model(args.num_classes or _NUM_CLASSES[args.data], args.arch,
                                     keep_text_leftovers=keep)
@@ -277,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world > 1:  # every rank's own line: the launcher shows which one failed first
             print(f"soupkit: rank {rank}/{world} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             raise
-        p.exit(1, f"{p.prog}: error: {err}\n")  # an input soupkit refuses: its sentence, not a traceback
+        hint = " (here: --pretrained PATH)" if isinstance(err, MissingPretrainedError) else ""
+        p.exit(1, f"{p.prog}: error: {err}{hint}\n")  # an input soupkit refuses: its sentence, not a traceback
     except BaseException as err:
         if world > 1:  # every rank's own line: the launcher shows which one failed first
             print(f"soupkit: rank {rank}/{world} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)

@@ -19,8 +19,10 @@ mehl+released  0.01  0   5 epochs per block   cosine    20 %   MEHL-Soup+ as rel
 
 best, uniform, greedy and ensemble have no optimiser; greedy soup is model-soups' ``main.py``: models tried by
 held-out accuracy, highest first, the higher index first among equal accuracies, one kept only if the soup's
-held-out accuracy strictly improves (``ties="reject"``). All learned soups use AdamW. Departures from the
-original code, each also noted at its option:
+held-out accuracy strictly improves (``ties="reject"``). All learned soups use AdamW. Two methods that are not
+the paper's, both needing the pretrained model θ_0, have no optimiser either: Model Stock (``model_stock``, no
+option) and task arithmetic (``task_arithmetic``: its scale s from ``scale_grid``, default 0.0, 0.1, ..., 2.0,
+by held-out accuracy). Departures from the original code, each also noted at its option:
 
 * ``batch_size``: learned_bylayer.py trains on batches of 256; soupkit keeps the held-out loader's batches
   (None), and its notebooks, ``python -m soupkit`` and ``soupkit.experiments.run.RunSpec`` build that loader with 128
@@ -53,6 +55,7 @@ recenter=True, clip_grad_norm=1.0`` on the MEHL-Soup+ defaults; ``make_soup("meh
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Optional, Union
@@ -62,7 +65,8 @@ import torch
 from soupkit.errors import OptionError, UnknownOptionError
 
 __all__ = ["SoupConfig", "Algorithm", "Variant", "Systems", "Run", "LEARNED_DEFAULTS", "HYPERPLANE_DEFAULTS",
-           "RELEASED_DEFAULTS", "with_options", "MAIN_TABLE_SETTINGS", "Grouping"]
+           "RELEASED_DEFAULTS", "TASK_ARITHMETIC_GRID", "TASK_ARITHMETIC_DEFAULTS", "with_options",
+           "MAIN_TABLE_SETTINGS", "Grouping"]
 
 # which tensors share a coefficient in the "+" methods (soupkit.engine.layers.layer_map): None = each parameter
 # tensor, "module" = the parameters of one module, or a callable name -> group label
@@ -109,6 +113,10 @@ class Algorithm:
             ``"reject"`` (default, model-soups: strict improvement) or ``"accept"``. (The ORDER in which
             greedy tries the models is model-soups' and not an option: by held-out accuracy, highest first,
             the higher index first among equal accuracies.)
+        scale_grid: task arithmetic's candidate scales s of θ_0 + s·(θ̄ − θ_0), tried in this order (a
+            sequence of numbers, or a comma-separated string for the CLI's ``--option scale_grid=0,0.5,1``);
+            None: :data:`TASK_ARITHMETIC_GRID` (0.0 to 2.0 in steps of 0.1, the method's default). Unused by
+            the others.
     """
 
     lr: float = 0.01
@@ -124,8 +132,11 @@ class Algorithm:
     logit_scale: bool = False
     layer_grouping: Grouping = None
     ties: str = "reject"
+    scale_grid: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
+        if self.scale_grid is not None:
+            object.__setattr__(self, "scale_grid", _grid(self.scale_grid))
         if self.lr <= 0 or self.weight_decay < 0:
             raise OptionError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
         if self.schedule not in ("cosine", "constant"):
@@ -308,6 +319,18 @@ def _apply(cfg: SoupConfig, options: dict[str, Any], where: str) -> SoupConfig:
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _grid(value: Any) -> tuple[float, ...]:
+    """``scale_grid`` as a tuple of finite floats: from a sequence of numbers or a string ``"0,0.5,1"``."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        grid = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise OptionError(f"scale_grid must be numbers (a sequence, or '0,0.5,1'), got {value!r}") from None
+    if not grid or not all(math.isfinite(v) for v in grid):
+        raise OptionError(f"scale_grid must hold at least one finite number, got {value!r}")
+    return grid
+
+
 def _dtype(name: str, option: str) -> torch.dtype:
     """``"bf16"``, ``"fp16"`` or a torch dtype's name (``"bfloat16"``) as the dtype."""
     found = _AUTOCAST.get(name.lower(), getattr(torch, name.lower(), None))
@@ -331,6 +354,9 @@ HYPERPLANE_DEFAULTS = SoupConfig(algorithm=Algorithm(lr=0.01, weight_decay=0.0, 
 # the released MEHL-Soup+ code (MEHL_soup_layer.py); described in full in the module docstring
 RELEASED_DEFAULTS = with_options(HYPERPLANE_DEFAULTS, "mehl+released", normalize_directions=True, recenter=True,
                                  clip_grad_norm=1.0)
+# task arithmetic (not a method of the paper): the scale s of θ_0 + s·(θ̄ − θ_0) from 0 (θ_0) to 2 in steps of 0.1
+TASK_ARITHMETIC_GRID: tuple[float, ...] = tuple(i / 10 for i in range(21))
+TASK_ARITHMETIC_DEFAULTS = SoupConfig(algorithm=Algorithm(scale_grid=TASK_ARITHMETIC_GRID))
 
 
 # Notebook 02's settings at the embedded scale (its parameters cell holds the same literals: papermill reads only

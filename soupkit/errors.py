@@ -10,7 +10,8 @@ from typing import NoReturn
 
 __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
            "ParameterError", "MissingInputError", "CheckpointLayoutError", "ZooMismatchError", "DownloadError",
-           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError", "OptionError", "UnknownOptionError"]
+           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError", "OptionError", "UnknownOptionError",
+           "MissingPretrainedError"]
 
 
 class SoupkitError(Exception):
@@ -19,6 +20,11 @@ class SoupkitError(Exception):
 
 class CheckpointError(SoupkitError, ValueError):
     """A checkpoint cannot be used: the message names the file (and the key, where one is at fault)."""
+
+
+class MissingPretrainedError(SoupkitError, ValueError):
+    """A method needs the pretrained model θ_0 (Model Stock, task arithmetic) and the pool has none: build it
+    with ``CheckpointPool(sources, pretrained=<file or state dict>)`` (a zoo gives its ``pretrained_path``)."""
 
 
 class DataError(SoupkitError, ValueError):

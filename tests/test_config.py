@@ -23,13 +23,14 @@ FLAT_DEFAULTS = {
     "decentralize": True, "normalize_directions": False, "recenter": False, "prefetch": False,
     "direction_dtype": None, "autocast": None, "sync_every": 25, "ties": "reject", "select_loader": None,
     "eval_every": 50, "run_dir": None, "check_basin": True, "parallel": None, "memory_cap_mb": None,
+    "scale_grid": None,  # added with task arithmetic (None: that method's own grid)
 }
 
 # a value other than the default for every option (recenter=True would need decentralize: it is tried below)
 OTHER_VALUES = {
     "lr": 0.02, "weight_decay": 0.1, "epochs": 2.0, "inner_iterations": 3, "outer_iterations": 4,
     "model_batch_size": 5, "warmup": 0.1, "schedule": "constant", "batch_size": 16, "clip_grad_norm": 2.0,
-    "logit_scale": True, "layer_grouping": "module", "ties": "accept",
+    "logit_scale": True, "layer_grouping": "module", "ties": "accept", "scale_grid": (0.5, 1.0),
     "decentralize": False, "normalize_directions": True, "recenter": False,
     "device": "cuda:1", "dtype": torch.float64, "prefetch": True, "direction_dtype": torch.bfloat16,
     "autocast": "bf16", "sync_every": 2, "parallel": "data", "memory_cap_mb": 100.0,
@@ -57,7 +58,7 @@ def test_every_option_has_exactly_one_group_and_round_trips():
     homes = _group_of()
     assert {name: groups for name, groups in homes.items() if len(groups) != 1} == {}
     assert sorted(SoupConfig.option_names()) == sorted(homes) == sorted(FLAT_DEFAULTS) == sorted(OTHER_VALUES)
-    assert len(SoupConfig.option_names()) == len(set(SoupConfig.option_names())) == 30
+    assert len(SoupConfig.option_names()) == len(set(SoupConfig.option_names())) == 31
     assert SoupConfig().options() == FLAT_DEFAULTS  # same names, same defaults
     assert SoupConfig.from_options() == SoupConfig()
     cfg = SoupConfig.from_options(**OTHER_VALUES)
@@ -103,6 +104,7 @@ BAD_VALUES = [  # (group, options, what the message says)
     (Algorithm, {"outer_iterations": 0}, "outer_iterations must be >= 1"),
     (Algorithm, {"model_batch_size": 0}, "model_batch_size must be >= 1"),
     (Algorithm, {"batch_size": 0}, "batch_size must be >= 1"),
+    (Algorithm, {"scale_grid": ()}, "scale_grid must hold at least one finite number"),
     (Variant, {"recenter": True, "decentralize": False}, "cannot be combined with decentralize=False"),
     (Systems, {"direction_dtype": "nope"}, "is not a torch dtype"),
     (Systems, {"direction_dtype": torch.int8}, "must be a floating torch dtype"),

@@ -20,7 +20,7 @@ def heldout_acc(model, result, loader):
 
 def test_registry_names():
     assert set(soupkit.METHODS) == {"best", "uniform", "greedy", "learned", "learned+", "hl", "hl+", "mehl",
-                                    "mehl+", "mehl+released", "ensemble"}
+                                    "mehl+", "mehl+released", "ensemble", "model_stock", "task_arithmetic"}
     with pytest.raises(ValueError, match="unknown soup method"):
         make_soup("nope", BNNet(), [BNNet().state_dict()], [])
 
@@ -93,7 +93,9 @@ def test_hyperplane_extrapolates_when_it_pays():
 @pytest.mark.parametrize("name", list(soupkit.METHODS))
 def test_single_model_pool_returns_that_model(bn_setup, name):
     base, states, loader = bn_setup
-    r = make_soup(name, base, states[:1], loader, **FAST)
+    pool = CheckpointPool(states[:1], pretrained=base.state_dict())  # θ_0: Model Stock and task arithmetic need it
+    # task arithmetic gives that model only at s = 1 (θ_0 + s·(θ_1 − θ_0)); the others ignore scale_grid
+    r = make_soup(name, base, pool, loader, scale_grid=(1.0,), **FAST)
     assert torch.allclose(r.coefficients.reshape(-1)[:1], torch.ones(1))
     if r.state_dict is not None:
         for k, v in states[0].items():

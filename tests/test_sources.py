@@ -117,3 +117,21 @@ def test_bad_sources_are_explained(tmp_path):
                 lambda: prepare_zoo(tmp_path, "model-soups", checkpoint_dir="x", data_root="y")):
         with pytest.raises(SoupkitError):
             bad()
+
+
+def test_a_given_pretrained_model_reaches_model_stock_and_old_source_files_still_match(tiny, tmp_path):
+    theta0 = tiny / "ckpt" / "model_0.pt"  # any checkpoint of the architecture stands in for θ_0 here
+    zoo = _prepare(tiny, tmp_path / "zoo", pretrained=str(theta0))
+    assert zoo.pretrained_path == theta0.resolve()
+    record = run_method(RunSpec(str(tmp_path / "zoo"), "model_stock", str(tmp_path / "ms.json"), batch_size=4))
+    assert record["status"] == "ok" and 0 <= record["test_accuracy"] <= 1 and 0 <= record["t_mean"] <= 1
+    plain = tmp_path / "plain"
+    _prepare(tiny, plain)
+    source = json.loads((plain / "source.json").read_text())
+    assert source["pretrained"] == ""
+    source.pop("pretrained")  # a source.json written before the field existed is the same zoo
+    (plain / "source.json").write_text(json.dumps(source))
+    assert _prepare(tiny, plain).pretrained_path is None
+    record = run_method(RunSpec(str(plain), "task_arithmetic", str(tmp_path / "ta.json"), batch_size=4))
+    assert record["status"] == "no pretrained model" and record["test_accuracy"] is None
+    assert "pretrained=" in record["note"]

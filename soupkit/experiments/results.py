@@ -196,7 +196,8 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
         "#epoch": ours["epochs"],
         "construction (s)": ours["seconds_total"],
         "peak memory (MB)": ours["peak_memory_bytes"] / 2**20,
-        "note": ["diverged (non-finite loss)" if st == "diverged" else
+        "note": ["no pretrained model (θ_0): none known for this zoo" if st == "no pretrained model" else
+                 "diverged (non-finite loss)" if st == "diverged" else
                  ("did not fit (> %g MB)" % cap if pd.notna(cap) else "did not fit (out of memory)") if bad else ""
                  for bad, cap, st in zip(unfit, caps, status)],
     })

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.engine.evaluation import accuracy
-from soupkit.errors import DivergenceError, MemoryCapExceeded, MissingInputError
+from soupkit.errors import DivergenceError, MemoryCapExceeded, MissingInputError, MissingPretrainedError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.methods.registry import METHODS, make_soup
 from soupkit.methods.result import soup_logits
@@ -34,8 +34,8 @@ from soupkit.runtime.progress import ENV as PROGRESS_ENV, report
 from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.sources import open_zoo
 
-__all__ = ["RunSpec", "main_table_options", "predictions_path", "write_predictions", "read_correct",
-           "soup_options", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]
+__all__ = ["RunSpec", "NO_PRETRAINED", "main_table_options", "predictions_path", "write_predictions",
+           "read_correct", "soup_options", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class RunSpec:
     memory_cap_mb: float | None = None
     device: str = "cpu"
 
+
+# the record status of a method that needs the pretrained model θ_0 on a zoo without one (no accuracy)
+NO_PRETRAINED = "no pretrained model"
 
 # learned methods of these registry families are AdamW on a hyperplane (they take weight decay); those of the
 # blockwise family also take b, the models per block; any other learned method takes learned_lr and epochs
@@ -202,7 +205,7 @@ def _run_method(spec: RunSpec, progress: bool) -> dict[str, Any]:
 
 def _run_on(spec: RunSpec, zoo: Any, loaders: dict[str, Any], progress: bool) -> dict[str, Any]:
     indices = list(spec.models) if spec.models is not None else list(range(len(zoo.records)))
-    pool = CheckpointPool([zoo.paths[i] for i in indices])
+    pool = CheckpointPool([zoo.paths[i] for i in indices], pretrained=zoo.pretrained_path)
     model = zoo.make_model()
     options = {"progress": progress, "seed": spec.seed, "device": spec.device, **spec.options}
     if loaders["select"] is not None and METHODS[spec.method].learned:
@@ -219,9 +222,11 @@ def _run_on(spec: RunSpec, zoo: Any, loaders: dict[str, Any], progress: bool) ->
                   "heldout_accuracy": None, "peak_memory_bytes": seen, "note": str(err).splitlines()[0]}
         atomic_write_json(spec.record, record)
         return record
-    except DivergenceError as err:
-        # a method whose coefficients run off to NaN/Inf on this zoo is a result too (no soup was written)
-        record = {**base, "num_models": len(pool), "status": "diverged", "test_accuracy": None,
+    except (DivergenceError, MissingPretrainedError) as err:
+        # a method whose coefficients run off to NaN/Inf on this zoo is a result too (no soup was written), and
+        # so is one that needs θ_0 on a zoo that does not know it (an external zoo without `pretrained`)
+        status = "diverged" if isinstance(err, DivergenceError) else NO_PRETRAINED
+        record = {**base, "num_models": len(pool), "status": status, "test_accuracy": None,
                   "heldout_accuracy": None, "peak_memory_bytes": None, "note": str(err).splitlines()[0]}
         atomic_write_json(spec.record, record)
         return record

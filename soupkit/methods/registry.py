@@ -18,14 +18,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from soupkit.config import HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, RELEASED_DEFAULTS, SoupConfig, with_options
+from soupkit.config import (HYPERPLANE_DEFAULTS, LEARNED_DEFAULTS, RELEASED_DEFAULTS, TASK_ARITHMETIC_DEFAULTS,
+                            SoupConfig, with_options)
 from soupkit.engine.evaluation import accuracy, predict
 from soupkit.engine.heldout import check_heldout
 from soupkit.errors import OptionError
 from soupkit.methods.hyperplane import hyperplane_soup
 from soupkit.methods.learned import learned_soup
+from soupkit.methods.model_stock import model_stock
 from soupkit.methods.result import SoupResult
 from soupkit.methods.run_dir import forked_rng
+from soupkit.methods.task_arithmetic import task_arithmetic
 from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.runtime.distributed import communicator
 from soupkit.runtime.memory import MemoryCap, PeakMemory
@@ -193,6 +196,13 @@ METHODS: dict[str, Method] = {
     "ensemble": Method(ensemble, "ensemble: average of the K models' logits", "Ensemble", "ensemble", "Ensemble",
                        "tab:brown", "P", table_row=10, legend_row=2, constructs=False, uses_data=False,
                        reads_all_first=False),
+    # not the paper's: two soups of the fine-tunes AND the pretrained model θ_0 (CheckpointPool(..., pretrained=))
+    "model_stock": Method(model_stock, "Model Stock (Jang et al., ECCV 2024): per layer, θ̄ pulled towards the "
+                          "pretrained model by the task vectors' angle", "Model Stock", "model_stock", "Model Stock",
+                          "tab:orange", "*", table_row=11, legend_row=7, uses_data=False),
+    "task_arithmetic": Method(task_arithmetic, "task arithmetic: θ_0 + s·(θ̄ − θ_0), s chosen on the held-out set",
+                              "Task arithmetic", "task_arithmetic", "Task arithmetic", "tab:pink", "h",
+                              defaults=TASK_ARITHMETIC_DEFAULTS, table_row=12, legend_row=8),
 }
 
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from soupkit.engine import directions
-from soupkit.errors import CheckpointError
+from soupkit.errors import CheckpointError, MissingPretrainedError
 from soupkit.pool.basin import finite_sq_norms
 from soupkit.pool.formats import _SAFETENSORS_DTYPES, TensorSpec, _Loaded, _SafetensorsReader, load_state_dict
 
@@ -45,15 +45,20 @@ class CheckpointPool:
         check_finite: raise if a model holds NaN/Inf values, checked the first time it is read (per dtype it
             is read in) by the one norm reduction per tensor that also records ``sq_norms``. Turn it off for
             models with legitimate infinities (e.g. a mask buffer of -inf).
+        pretrained: optional θ_0, the model every fine-tune started from (a file or a state dict, like the
+            sources), for the methods that need it (Model Stock, task arithmetic): checked against the first
+            checkpoint's keys, shapes and dtypes here, read with :meth:`load_pretrained`. It is not one of the K.
 
     Attributes:
         spec: ``{key: TensorSpec}`` of the first checkpoint, which all others match.
         sq_norms: ``{i: {key: ‖θ_i[key]‖²}}`` of the models read so far (for the basin and resume checks).
         max_resident: the largest number of fine-tuned models held at once (instrumentation; see ``resident``).
+        pretrained, pretrained_name: the ``pretrained`` source (None without one) and its name in messages.
     """
 
     def __init__(self, sources: Iterable[Source], *, model: nn.Module | None = None,
-                 cast_dtype: torch.dtype | None = None, check_finite: bool = True) -> None:
+                 cast_dtype: torch.dtype | None = None, check_finite: bool = True,
+                 pretrained: Source | None = None) -> None:
         self.sources: list[Source] = list(sources)
         if not self.sources:
             raise CheckpointError("the pool is empty (K = 0): give at least one checkpoint")
@@ -65,6 +70,14 @@ class CheckpointPool:
         self.spec: dict[str, TensorSpec] = self._read_spec(0)
         for i in range(1, len(self)):
             self._check_spec(self._read_spec(i), self.names[i], f"the first checkpoint ({self.names[0]})")
+        self.pretrained: Source | None = pretrained
+        self.pretrained_name: str | None = None
+        self._pretrained_checked: set[frozenset] = set()  # floating dtypes θ_0 was checked for NaN/Inf in
+        if pretrained is not None:
+            self.pretrained_name = ("<pretrained state dict>" if isinstance(pretrained, Mapping)
+                                    else f"{pretrained} (the pretrained model)")
+            self._check_spec(self._spec_of(pretrained, self.pretrained_name), self.pretrained_name,
+                             f"the first checkpoint ({self.names[0]})")
         if model is not None:
             self.check_model(model)
         self._lock = threading.Lock()
@@ -81,7 +94,9 @@ class CheckpointPool:
 
     # ---- validation -------------------------------------------------------------------------------------
     def _read_spec(self, i: int) -> dict[str, TensorSpec]:
-        source = self.sources[i]
+        return self._spec_of(self.sources[i], self.names[i])
+
+    def _spec_of(self, source: Source, name: str) -> dict[str, TensorSpec]:
         if isinstance(source, Mapping):
             state = source
         else:
@@ -101,7 +116,7 @@ class CheckpointPool:
             state = load_state_dict(path)  # memory-mapped for zip-format .pt: cheap
         for key, value in state.items():
             if not isinstance(value, Tensor):
-                raise CheckpointError(f"{self.names[i]}: key {key!r} is a {type(value).__name__}, not a tensor")
+                raise CheckpointError(f"{name}: key {key!r} is a {type(value).__name__}, not a tensor")
         return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
 
     def _check_spec(self, spec: Mapping[str, TensorSpec], name: str, against: str) -> None:
@@ -169,6 +184,35 @@ class CheckpointPool:
             self.sq_norms.setdefault(i, finite_sq_norms(out, self.names[i], check=self.check_finite))
             self._checked.add(checked)
         self._track(out, 1)
+        return out
+
+    @property
+    def has_pretrained(self) -> bool:
+        """Whether the pool knows θ_0 (``CheckpointPool(..., pretrained=...)``)."""
+        return self.pretrained is not None
+
+    def load_pretrained(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> StateDict:
+        """θ_0, the pretrained model, as :meth:`load` reads a fine-tune: checked against the pool's keys, shapes
+        and dtypes, floating tensors cast to ``dtype``, NaN/Inf-checked the first time (per dtype). Read-only, as
+        :meth:`load`. Not counted in ``resident`` (which counts fine-tuned models).
+
+        Raises:
+            MissingPretrainedError: the pool was built without ``pretrained=``.
+        """
+        if self.pretrained is None:
+            raise MissingPretrainedError(
+                "this method needs the pretrained model θ_0 (the weights every fine-tune started from), and the "
+                "pool has none: build it with CheckpointPool(sources, pretrained=<file or state dict>); for a zoo, "
+                "CheckpointPool(zoo.paths, pretrained=zoo.pretrained_path) (the embedded zoo's backbone.safetensors)")
+        source, name = self.pretrained, self.pretrained_name
+        raw = source if isinstance(source, Mapping) else load_state_dict(source)
+        self._check_spec({k: TensorSpec(tuple(v.shape), v.dtype) for k, v in raw.items()}, name,
+                         f"the first checkpoint ({self.names[0]})")  # the file may change after construction
+        out = _Loaded({k: self._cast(raw[k], device, dtype) for k in self.spec})
+        checked = self._value_key(-1, dtype)[1]
+        if self.check_finite and checked not in self._pretrained_checked:
+            finite_sq_norms(out, name, check=True)
+            self._pretrained_checked.add(checked)
         return out
 
     def _value_key(self, i: int, dtype: torch.dtype | None) -> tuple[int, frozenset]:

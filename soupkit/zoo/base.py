@@ -51,6 +51,13 @@ class BaseZoo(ABC):
         return {"zoo": self.describe()}
 
     @property
+    def pretrained_path(self) -> Path | None:
+        """The checkpoint every fine-tune started from (θ_0: pretrained weights and the head they were tuned
+        from), for the methods that need it (``CheckpointPool(..., pretrained=...)``); None where the zoo does
+        not know it."""
+        return None
+
+    @property
     def linear_probe_accuracy(self) -> float | None:
         """Test accuracy (fraction) of the linear probe every fine-tune started from, where the zoo knows it."""
         return None

@@ -113,6 +113,11 @@ class Zoo(BaseZoo):
     def backbone_path(self) -> Path:
         return self.out_dir / self.info["backbone"]["file"]
 
+    @property
+    def pretrained_path(self) -> Path:
+        """``backbone.safetensors``: the pretrained backbone with its linear-probe head (every fine-tune's start)."""
+        return self.backbone_path
+
     def make_model(self) -> ViTClassifier:
         """An untrained classifier of the zoo's architecture, to ``load_state_dict`` a checkpoint into."""
         return build_classifier(self.config.model)

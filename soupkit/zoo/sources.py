@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ class SourceSpec:
         dataset: ``imagenet`` (ImageFolder ``train/`` + ``val/``), ``cifar10`` or ``cifar100``
             (torchvision's files); held-out split as ``soupkit.zoo.realdata.dataset_splits`` (26 per class / 10 %).
         split_file: the held-out split JSON (a sweep's is ``checkpoint_dir/split.json``: use it).
+        pretrained: the checkpoint the fine-tunes started from (θ_0, in their format), for Model Stock and
+            task arithmetic; "" (default): not known.
     """
 
     kind: str
@@ -62,6 +64,7 @@ class SourceSpec:
     num_classes: int | None = None
     seed: int = 0
     workers: int = 4
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCES[1:]:
@@ -122,6 +125,11 @@ class ExternalZoo(BaseZoo):
     def paths(self) -> list[Path]:
         return [Path(r["path"]) for r in self.records]
 
+    @property
+    def pretrained_path(self) -> Path | None:
+        """``SourceSpec.pretrained`` where it was given (``prepare_zoo(..., pretrained=...)``), else None."""
+        return Path(self.spec.pretrained) if self.spec.pretrained else None
+
     @cached_property
     def _keeps_text(self) -> bool:
         # read once per zoo: make_model, loaders and tensors all need it, and it opens a checkpoint
@@ -177,6 +185,8 @@ def _register(out: Path, spec: SourceSpec, device: str, eval_batch_size: int, pr
     from soupkit.pool.checkpoint_pool import CheckpointPool  # noqa: PLC0415
 
     old = _read(out / SOURCE_FILE)
+    if old is not None:  # a field added since that file was written counts with its default
+        old = {**{f.name: f.default for f in fields(SourceSpec) if f.default is not MISSING}, **old}
     if old is not None and old != json.loads(json.dumps(asdict(spec))):
         raise ResumeError(f"{out / SOURCE_FILE} describes another zoo ({old}); use another folder")
     atomic_write_json(out / SOURCE_FILE, asdict(spec))
@@ -225,13 +235,16 @@ def _records(out: Path) -> list[dict[str, Any]]:
 def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_models: int = 32, device: str = "cpu",
                 progress: bool = True, threads: int | None = 1, search_seed: int = 0, checkpoint_dir: str = "",
                 dataset: str = "imagenet", data_root: str = "", split_file: str = "", arch: str = "ViT-B-32-quickgelu",
-                num_classes: int | None = None, workers: int = 4, eval_batch_size: int = 256) -> Any:
+                num_classes: int | None = None, workers: int = 4, eval_batch_size: int = 256,
+                pretrained: str = "") -> Any:
     """Build the embedded zoo, or register and evaluate a zoo made elsewhere, in ``out_dir``; returns it.
 
     Args:
         source: ``"embedded"`` (``soupkit.zoo.build_zoo`` with K = num_models; ``threads``, ``search_seed``)
             or ``"model-soups"`` / ``"sweep"`` (a :class:`SourceSpec` from the remaining arguments; paths are
             made absolute).
+        pretrained: model-soups / sweep: the checkpoint the fine-tunes started from, if known (the embedded
+            zoo has its own, ``backbone.safetensors``); Model Stock and task arithmetic need it.
     """
     if source not in SOURCES:
         raise ParameterError(f"source must be one of {SOURCES}, got {source!r}")
@@ -248,7 +261,8 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
     if not split:
         raise ParameterError("source 'model-soups' needs split_file (where the held-out split is written and re-read)")
     spec = SourceSpec(source, str(Path(checkpoint_dir).resolve()), num_models, dataset, str(Path(data_root).resolve()),
-                      str(Path(split).resolve()), arch, num_classes, search_seed, workers)
+                      str(Path(split).resolve()), arch, num_classes, search_seed, workers,
+                      str(Path(pretrained).resolve()) if pretrained else "")
     if num_classes is None:  # the heads say how many classes they were fine-tuned on (ImageNet: 1000)
         spec = replace(spec, num_classes=_head_rows(spec.checkpoint_paths()[0]))
     out = Path(out_dir)

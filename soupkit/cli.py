@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 4 -m soupkit mehl+ --zoo outputs/zoo --out runs/mehl+ --parallel model
     python -m soupkit learned+ --arch ViT-B-32-quickgelu --pool 'checkpoints/model-soups/model_*.pt' \\
         --data imagenet --data-root data/imagenet --split-file splits/imagenet_heldout.json --out runs/learned+
+    python -m soupkit diagnose --zoo outputs/zoo      # or --pool FOLDER: duplicates and outliers, by file
 
 The architecture comes from an embedded zoo (``--zoo``; its files are the pool unless ``--pool`` is given)
 or from open_clip (``--arch``, model-soups layout, with ``--data``). Rank 0 writes ``--out`` (the
@@ -252,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from soupkit.experiments.plan import main as plan_main  # noqa: PLC0415
 
         return plan_main(argv[1:])
+    if argv[:1] == ["diagnose"]:  # python -m soupkit diagnose --zoo outputs/zoo (soupkit.pool.diagnostics)
+        return _diagnose_main(argv[1:])
     p = _parser()
     args = p.parse_args(argv)
     if args.arch and not (args.pool or args.pool_list):
@@ -288,6 +291,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if world > 1 and owned:
         dist.destroy_process_group()
+    return 0
+
+
+# ---- python -m soupkit diagnose ---------------------------------------------------------------------------
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def _diagnose_parser() -> argparse.ArgumentParser:
+    from soupkit.pool.basin import BASIN_THRESHOLD  # noqa: PLC0415
+    from soupkit.pool.diagnostics import FAR_RATIO, NEAR_RATIO  # noqa: PLC0415
+
+    p = OneLineArgumentParser(prog="python -m soupkit diagnose", description="Before any soup is learned: the "
+                              "pool's duplicate and near-duplicate checkpoints and those far outside the shared basin, "
+                              "by file, one row per model (soupkit.pool.diagnostics).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--zoo", help="zoo directory (soupkit.zoo): its checkpoints, and its records for models with "
+                     "identical hyper-parameters and accuracies")
+    src.add_argument("--pool", nargs="+", metavar="PATH_OR_GLOB_OR_FOLDER",
+                     help=".safetensors/.pt checkpoints, globs, or folders of them")
+    src.add_argument("--pool-list", help="text file with one checkpoint path a line")
+    p.add_argument("--near-ratio", type=float, default=NEAR_RATIO, help="pairs closer than this fraction of the "
+                   f"median pairwise distance are near-duplicates (default {NEAR_RATIO:g})")
+    p.add_argument("--far-ratio", type=float, default=FAR_RATIO, help="a model farther from the centre of the "
+                   f"others than this multiple of their median distance to it is flagged (default {FAR_RATIO:g})")
+    p.add_argument("--basin-threshold", type=float, default=BASIN_THRESHOLD, help="a cosine to the other models "
+                   f"below it is outside the shared basin (default {BASIN_THRESHOLD:g})")
+    p.add_argument("--device", default="cpu", help="where the Gram matrix is accumulated (reads stay on the host)")
+    return p
+
+
+def _diagnose_paths(patterns: Sequence[str]) -> list[Path]:
+    """``--pool`` entries with each folder replaced by its checkpoint files (sorted)."""
+    out: list[Path] = []
+    for pattern in patterns:
+        folder = Path(os.path.expanduser(pattern))
+        if folder.is_dir():
+            found = sorted(f for f in folder.iterdir() if f.suffix in _CHECKPOINT_SUFFIXES and f.is_file())
+            if not found:
+                raise FileNotFoundError(f"--pool {pattern}: the folder holds no .safetensors/.pt/.pth file")
+            out += found
+        else:
+            out += expand_pool([pattern])
+    return out
+
+
+def _diagnose_main(argv: Sequence[str]) -> int:
+    """``python -m soupkit diagnose``: print the pool's diagnostics table and summary; 0, or 1 for an input
+    soupkit refuses (argument errors: 2). Flags are also warnings (``DuplicateCheckpointWarning``,
+    ``SharedBasinWarning``) on stderr."""
+    from soupkit.pool.diagnostics import diagnose, duplicate_records  # noqa: PLC0415
+
+    p = _diagnose_parser()
+    args = p.parse_args(list(argv))
+    if args.zoo and _zoo_error(args.zoo):
+        p.error(_zoo_error(args.zoo))
+    if args.pool_list and not Path(args.pool_list).is_file():
+        p.error(f"--pool-list {args.pool_list}: no such file")
+    records: Sequence[dict] = ()
+    try:
+        if args.zoo:
+            from soupkit.zoo.sources import open_zoo  # noqa: PLC0415
+
+            zoo = open_zoo(args.zoo)
+            paths, records = zoo.paths, zoo.records
+        else:
+            paths = _diagnose_paths(args.pool or []) + expand_pool([], args.pool_list)
+        report = diagnose(CheckpointPool(paths), near_ratio=args.near_ratio, far_ratio=args.far_ratio,
+                          basin_threshold=args.basin_threshold, device=args.device)
+    except SoupkitError as err:  # an input soupkit refuses: its sentence, not a traceback
+        p.exit(1, f"{p.prog}: error: {err}\n")
+    except FileNotFoundError as err:  # a --pool glob that matches nothing
+        p.error(str(err))
+    print(report.format())
+    for group in duplicate_records(records):
+        print(f"records: identical hyper-parameters and accuracies: {', '.join(group)}")
+    print(f"({report.stats['seconds']:.1f} s, {report.stats['blocks']} block(s) of at most "
+          f"{report.stats['block_bytes'] / 2**20:.0f} MB)")
     return 0
 
 

@@ -9,9 +9,9 @@ import argparse
 from typing import NoReturn
 
 __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
-           "ParameterError", "MissingInputError", "CheckpointLayoutError", "ZooMismatchError", "DownloadError",
-           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError", "OptionError", "UnknownOptionError",
-           "MissingPretrainedError"]
+           "DuplicateCheckpointWarning", "ParameterError", "MissingInputError", "CheckpointLayoutError",
+           "ZooMismatchError", "DownloadError", "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError",
+           "OptionError", "UnknownOptionError", "MissingPretrainedError"]
 
 
 class SoupkitError(Exception):
@@ -41,6 +41,11 @@ class ResumeError(SoupkitError, ValueError):
 
 class SharedBasinWarning(UserWarning):
     """The pool's models do not look like fine-tunes of one pretrained model: a soup of them may collapse."""
+
+
+class DuplicateCheckpointWarning(UserWarning):
+    """Two checkpoints of the pool hold the same weights, or nearly: a soup counts that model twice (the message
+    names the files; ``soupkit.pool.diagnostics``)."""
 
 
 class ParameterError(SoupkitError, ValueError):

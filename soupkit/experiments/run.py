@@ -29,13 +29,15 @@ from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.methods.registry import METHODS, make_soup
 from soupkit.methods.result import soup_logits
 from soupkit.pool.checkpoint_pool import CheckpointPool
+from soupkit.pool.diagnostics import diagnose, duplicate_records, record_name
 from soupkit.runtime.numerics import numerics_info
 from soupkit.runtime.progress import ENV as PROGRESS_ENV, report
 from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.sources import open_zoo
 
 __all__ = ["RunSpec", "NO_PRETRAINED", "main_table_options", "predictions_path", "write_predictions",
-           "read_correct", "soup_options", "zoo_table", "zoo_regime", "run_method", "run_isolated", "run_methods"]
+           "read_correct", "soup_options", "zoo_table", "zoo_diagnostics", "zoo_regime", "run_method", "run_isolated",
+           "run_methods"]
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,31 @@ def main_table_options(method: str, num_models: int | None = None, **overrides: 
     return soup_options(method, **settings)
 
 
-def zoo_table(zoo: BaseZoo) -> pd.DataFrame:
-    """One row per fine-tune: index, hyper-parameters, held-out/test accuracy (fractions), fine-tune seconds."""
+def zoo_table(zoo: BaseZoo, diagnostics: bool = False, device: str = "cpu") -> pd.DataFrame:
+    """One row per fine-tune: index, hyper-parameters, held-out/test accuracy (fractions), fine-tune seconds.
+
+    ``diagnostics``: also a ``diagnostics`` column, what :func:`zoo_diagnostics` flags about each model ("" when
+    nothing): one streamed pass over the checkpoints (the Gram matrix on ``device``).
+    """
     rows = [{"index": r["index"], **(r.get("hparams") or {}), "heldout_acc": r["heldout_acc"],
              "test_acc": r["test_acc"], "finetune_seconds": r.get("finetune_seconds")} for r in zoo.records]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if diagnostics:
+        table["diagnostics"] = zoo_diagnostics(zoo, device)
+    return table
+
+
+def zoo_diagnostics(zoo: BaseZoo, device: str = "cpu") -> list[str]:
+    """Per model of the zoo, what ``soupkit.pool.diagnostics`` flags, ``"; "``-joined ("" when nothing): identical,
+    near-duplicate, far or out-of-basin checkpoints (:func:`~soupkit.pool.diagnostics.diagnose`, which also warns)
+    and records with identical hyper-parameters and accuracies (:func:`~soupkit.pool.diagnostics.duplicate_records`)."""
+    flags = [list(f) for f in diagnose(CheckpointPool(zoo.paths), device=device).flags]
+    position = {record_name(r, n): n for n, r in enumerate(zoo.records)}
+    for group in duplicate_records(zoo.records):
+        for name in group:
+            flags[position[name]].append("same hyper-parameters and accuracies as "
+                                         + ", ".join(other for other in group if other != name))
+    return ["; ".join(f) for f in flags]
 
 
 def zoo_regime(zoo: BaseZoo, uniform_test_accuracy: float) -> pd.Series:

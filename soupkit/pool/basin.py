@@ -3,7 +3,9 @@ are ``soupkit.engine.heldout``).
 
 * :func:`finite_sq_norms`: NaN/Inf weights, done on each model the first time the pool reads it; the same
   pass gives the per-tensor squared norms that the basin check and the resume check reuse.
-* :func:`check_shared_basin`: models that are not fine-tunes of one pretrained model.
+* :func:`check_shared_basin`: models that are not fine-tunes of one pretrained model;
+  :func:`cosines_to_rest`: the same measure for each model against the mean of the others, to name the
+  models outside the basin (``soupkit.pool.diagnostics``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from torch import Tensor
 
 from soupkit.errors import CheckpointError, SharedBasinWarning
 
-__all__ = ["finite_sq_norms", "BasinReport", "basin_report", "NormedPool", "check_shared_basin", "BASIN_THRESHOLD"]
+__all__ = ["finite_sq_norms", "BasinReport", "basin_report", "NormedPool", "check_shared_basin", "cosines_to_rest",
+           "BASIN_THRESHOLD"]
 
 # fine-tunes of one pretrained model have per-tensor cosines ~0.9-1; independently trained ones ~0 (plus
 # the constant-initialised norm weights): halfway between flags the second kind
@@ -151,3 +154,34 @@ def check_shared_basin(pool: NormedPool, centre: Mapping[str, Tensor] | None = N
             + "). Their soup may collapse to chance accuracy. make_soup(..., check_basin=False) silences this."),
             stacklevel=2)
     return report
+
+
+def cosines_to_rest(sq_norms: Sequence[Mapping[str, float]], dots: Sequence[Mapping[str, float]],
+                    centre_sq: Mapping[str, float], numel: Mapping[str, int]) -> list[float | None]:
+    """Per model i, :func:`basin_report`'s cosine between θ_i and the mean of the other models θ̄₋ᵢ.
+
+    One model outside the basin barely moves the pool's mean cosine when K is large; against the rest it scores
+    ~0 while a fine-tune scores ~1, so the same ``threshold`` names it. From per-key sums only: with
+    d = ⟨θ_i, θ̄⟩, n = ‖θ_i‖² and c = ‖θ̄‖², θ̄₋ᵢ = (Kθ̄ − θ_i)/(K − 1) gives ⟨θ_i, θ̄₋ᵢ⟩ = (Kd − n)/(K − 1) and
+    ‖θ̄₋ᵢ‖² = (K²c − 2Kd + n)/(K − 1)²; the pair (θ_i, θ̄₋ᵢ) then goes through :func:`basin_report`.
+
+    Args:
+        sq_norms: ``[K]`` of ``{key: ‖θ_i[key]‖²}``.
+        dots: ``[K]`` of ``{key: ⟨θ_i[key], θ̄[key]⟩}``.
+        centre_sq: ``{key: ‖θ̄[key]‖²}``; numel: ``{key: elements}``.
+    Returns:
+        ``[K]`` cosines (None for K < 2).
+    """
+    k = len(sq_norms)
+    if k < 2:
+        return [None] * k
+    out: list[float | None] = []
+    for n_i, d_i in zip(sq_norms, dots):
+        rest, cross, pair = {}, {}, {}
+        for key, c in centre_sq.items():
+            n, d = n_i.get(key, 0.0), d_i.get(key, 0.0)
+            rest[key] = max((k * k * c - 2 * k * d + n) / (k - 1) ** 2, 0.0)  # rounding may dip below 0
+            cross[key] = (k * d - n) / (k - 1)
+            pair[key] = (n + rest[key] + 2 * cross[key]) / 4  # ‖(θ_i + θ̄₋ᵢ)/2‖²
+        out.append(basin_report([n_i, rest], pair, numel).mean_cosine)
+    return out

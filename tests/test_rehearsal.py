@@ -64,6 +64,7 @@ def inputs(tmp_path_factory):
     rehearsal.write_imagenet(out / "imagenet", SMALL.train_per_class, SMALL.val_per_class)
     rehearsal.write_model_soups_release(out / "release", SMALL.num_models, out / "imagenet")
     rehearsal.write_cifar(out / "cifar", SMALL.cifar_train, SMALL.cifar_test)
+    rehearsal.write_shifts(out / "shifts")
     return out
 
 
@@ -91,9 +92,12 @@ def test_the_same_bytes_every_run(inputs, tmp_path):
     again = rehearsal.write_model_soups_release(tmp_path / "release", SMALL.num_models, inputs / "imagenet")
     assert again == json.loads((inputs / "release" / rehearsal.CHECKSUMS_NAME).read_text())
     rehearsal.write_cifar(tmp_path / "cifar", SMALL.cifar_train, SMALL.cifar_test)
-    for path in sorted((inputs / "cifar").rglob("*")):
-        if path.is_file():
-            assert path.read_bytes() == (tmp_path / "cifar" / path.relative_to(inputs / "cifar")).read_bytes()
+    rehearsal.write_shifts(tmp_path / "shifts")
+    for folder in ("cifar", "shifts"):
+        written = sorted(p.relative_to(inputs / folder) for p in (inputs / folder).rglob("*") if p.is_file())
+        assert written == sorted(p.relative_to(tmp_path / folder) for p in (tmp_path / folder).rglob("*") if p.is_file())
+        for path in written:
+            assert (inputs / folder / path).read_bytes() == (tmp_path / folder / path).read_bytes(), path
 
 
 def test_prepare_zoo_registers_the_downloaded_checkpoints(inputs, tmp_path):
@@ -102,13 +106,30 @@ def test_prepare_zoo_registers_the_downloaded_checkpoints(inputs, tmp_path):
     rehearsal.download_release(inputs / "release", tmp_path / "ckpt", SMALL.num_models)
     zoo = prepare_zoo(tmp_path / "zoo", "model-soups", num_models=SMALL.num_models,
                       checkpoint_dir=str(tmp_path / "ckpt"), dataset="imagenet", data_root=str(inputs / "imagenet"),
-                      split_file=str(tmp_path / "split.json"),
+                      split_file=str(tmp_path / "split.json"), shift_root=str(inputs / "shifts"),
                       arch=rehearsal.VIT_B32, workers=0, progress=False)
     assert zoo.spec.num_classes == len(rehearsal.WNIDS)  # from the heads, not ImageNet's 1000
     assert len(zoo.records) == 2 and all(0 <= r["heldout_acc"] <= 1 for r in zoo.records)
     assert zoo._keeps_text  # read unconverted: the classifier keeps the text leftovers
     x, _ = next(iter(zoo.loaders(batch_size=4)["learn"]))
     assert x.shape == (4, 3, 64, 64)
+    # the shift stand-ins, read through the zoo with its eval transform and scored with their class maps
+    from soupkit.engine.evaluation import predict
+    from soupkit.zoo.shifts import PAPER_SHIFTS, shift_correct
+
+    assert zoo.shift_names() == PAPER_SHIFTS
+    model, state = zoo.make_model(), torch.load(tmp_path / "ckpt" / "model_0.pt", weights_only=True)
+    for name in PAPER_SHIFTS:
+        logits, labels = predict(model, state, zoo.shift_loader(name, eval_batch_size=8))
+        info = zoo.shift_info(name)
+        assert logits.shape == (len(labels), len(rehearsal.WNIDS)) and int(labels.max()) < info.num_classes
+        assert shift_correct(logits, labels, info).shape == labels.shape
+    assert zoo.shift_info("objectnet").num_classes == 4 and zoo.shift_info("imagenet_r").num_classes == 6
+    # the shift root is not part of the zoo's identity: registering without it is no other zoo, and no re-evaluation
+    again = prepare_zoo(tmp_path / "zoo", "model-soups", num_models=SMALL.num_models,
+                        checkpoint_dir=str(tmp_path / "ckpt"), dataset="imagenet", data_root=str(inputs / "imagenet"),
+                        split_file=str(tmp_path / "split.json"), arch=rehearsal.VIT_B32, workers=0, progress=False)
+    assert again.records == zoo.records and again.shift_names() == ()
 
 
 def test_imagenet_tree_splits_26_per_class_or_by_model_soups_mask(inputs, tmp_path):

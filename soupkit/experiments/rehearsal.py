@@ -12,6 +12,11 @@ Under ``DIR`` (the same bytes on every run: fixed seeds):
   ephemeral port), with those file names and checksums;
 - ``imagenet/{train,val}/<wnid>/*.JPEG`` (ImageFolder; one greyscale and one CMYK JPEG, as ImageNet has) and
   ``imagenet_98_idxs.npy`` (model-soups' held-out mask: 1 = held out, 26 per class);
+- ``shifts/``: the five distribution-shift test sets of model-soups in their released layouts
+  (``soupkit.zoo.shifts``) over the ImageNet stand-in's classes, a few images per class: ``imagenetv2-matched-
+  frequency-format-val/<index>/*.jpeg`` (all 10), ``imagenet-r/<wnid>/*.jpg`` and ``imagenet-a/<wnid>/*.jpg``
+  (subsets of 6 and 4 wnids), ``sketch/<wnid>/*.JPEG`` (all 10), ``objectnet-1.0/images/<folder>/*.png`` (a red
+  1-pixel frame) with its four ``mappings/`` files (4 mapped classes of 1-3 ImageNet classes, one unmapped folder);
 - ``cifar/cifar-10-batches-py`` and ``cifar/cifar-100-python``: pickles as the published files (protocol 2,
   Python 2 strings for keys and array bytes, numpy 1.x class paths);
 - ``zoos/{vitl14_cifar10,vitl14_cifar100,rn101_cifar100}``: ``python -m soupkit.zoo.sweep`` folders (notebooks 03
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -33,14 +39,14 @@ import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from soupkit.io import atomic_write_json, sha256_file
 
-__all__ = ["ARCHS", "Sizes", "write_configs", "write_model_soups_release", "write_imagenet", "write_cifar",
-           "write_sweeps", "serve", "download_release", "make_inputs", "setup", "main"]
+__all__ = ["ARCHS", "Sizes", "write_configs", "write_model_soups_release", "write_imagenet", "write_shifts",
+           "write_cifar", "write_sweeps", "serve", "download_release", "make_inputs", "setup", "main"]
 
 # reduced-width open_clip configs, named after the architectures of presets/paper.yaml
 ARCHS: dict[str, dict[str, Any]] = {
@@ -61,6 +67,19 @@ VIT_B32, VIT_L14, RN101 = ARCHS
 # the first ten ImageNet-1k classes (ImageFolder sorts them in this order)
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041", "n01514668",
          "n01514859", "n01518878")
+# their ImageNet class names (ObjectNet's mappings name ImageNet classes, not wnids)
+IMAGENET_NAMES = ("tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray",
+                  "cock", "hen", "ostrich")
+# the stand-in shifts' class subsets (indices into WNIDS): ImageNet-R's are the real subset's members among the first
+# ten classes; ImageNet-A has only one there (6), so its stand-in subset is made up
+IMAGENET_R_CLASSES = (1, 2, 4, 6, 8, 9)
+IMAGENET_A_CLASSES = (0, 3, 6, 7)
+# ObjectNet stand-in: folder -> (ObjectNet label, its ImageNet classes); None: a folder without an ImageNet class
+# (as 200 of the real 313), whose images the reader leaves out
+OBJECTNET_CLASSES: dict[str, tuple[str, tuple[int, ...] | None]] = {
+    "air_freshener": ("Air freshener", None), "aquarium_fish": ("Aquarium fish", (1,)),
+    "poultry": ("Poultry", (7, 8)), "ray": ("Ray", (5, 6)), "shark": ("Shark", (2, 3, 4))}
+SHIFT_PER_CLASS = 2  # images per class of every stand-in shift
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MASK_NAME = "imagenet_98_idxs.npy"
 CHECKSUMS_NAME = "checksums.json"
@@ -188,6 +207,69 @@ def write_imagenet(root: Path, train_per_class: int, val_per_class: int, seed: i
     for c in range(len(WNIDS)):
         mask[c * train_per_class + rng.permutation(train_per_class)[:HELDOUT_PER_CLASS]] = 1.0
     np.save(root.parent / MASK_NAME, mask)
+    return root
+
+
+def _standin_pixels(rng: np.random.Generator, c: int) -> np.ndarray:
+    """uint8 [h, w, 3] of a varied size with class ``c``'s tint (write_imagenet's), so the stand-in models, whose
+    heads are class centroids of those tints, score above chance on the shifts too."""
+    tint = np.array([(37 * c) % 256, (91 * c) % 256, (153 * c) % 256], dtype=np.int16)
+    h, w = (int(v) for v in rng.integers(40, 90, 2))
+    return (rng.integers(0, 128, (h, w, 3)) + tint // 2).clip(0, 255).astype(np.uint8)
+
+
+def _objectnet_mappings(folder: Path) -> None:
+    """ObjectNet's four ``mappings/`` files for :data:`OBJECTNET_CLASSES` over the stand-in's ImageNet classes, with
+    their real shapes: ImageNet names (``"a; b"``) -> lines of ``imagenet_to_label_2012_v2`` (ILSVRC-2012 ids, not
+    the sorted-wnid order) -> PyTorch indices through ``pytorch_to_imagenet_2012_id.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    line_of = {p: (7 * p + 3) % len(WNIDS) for p in range(len(WNIDS))}  # a permutation: the reader must follow it
+    lines = [""] * len(WNIDS)
+    for p, line in line_of.items():
+        lines[line] = IMAGENET_NAMES[p]
+    (folder / "imagenet_to_label_2012_v2").write_text("".join(f"{name}\n" for name in lines))
+    (folder / "pytorch_to_imagenet_2012_id.json").write_text(
+        json.dumps({str(p): line for p, line in line_of.items()}) + "\n")
+    (folder / "folder_to_objectnet_label.json").write_text(
+        json.dumps({f: label for f, (label, _) in OBJECTNET_CLASSES.items()}, indent=1) + "\n")
+    (folder / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {label: "; ".join(IMAGENET_NAMES[i] for i in ids) for label, ids in OBJECTNET_CLASSES.values() if ids},
+        indent=1) + "\n")
+
+
+def write_shifts(root: Path, per_class: int = SHIFT_PER_CLASS, seed: int = SEED) -> Path:
+    """The five shifts of ``soupkit.zoo.shifts`` under ``root`` in their released layouts (see the module's docstring),
+    ``per_class`` images per class; the same bytes on every run."""
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng([seed, 1])  # not write_imagenet's draws: other images of the same classes
+
+    def name(*parts: object) -> str:  # V2 and ObjectNet files are named by hashes
+        return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()
+
+    def jpegs(folder: Path, c: int, file_name: Callable[[int], str], mode: str = "RGB") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            _jpeg(Image.fromarray(_standin_pixels(rng, c)).convert(mode), folder / file_name(j))
+
+    for c in range(len(WNIDS)):  # ImageNet-V2: folders named by class index
+        jpegs(root / "imagenetv2-matched-frequency-format-val" / str(c), c, lambda j: f"{name('v2', c, j)}.jpeg")
+    styles = ("art", "cartoon", "painting", "sculpture", "toy")
+    for c in IMAGENET_R_CLASSES:
+        jpegs(root / "imagenet-r" / WNIDS[c], c, lambda j: f"{styles[j % len(styles)]}_{j}.jpg")
+    for c in IMAGENET_A_CLASSES:
+        jpegs(root / "imagenet-a" / WNIDS[c], c, lambda j: f"{j:06d}_{WNIDS[c]}.jpg")
+    for c in range(len(WNIDS)):  # sketches are drawings in black and white
+        jpegs(root / "sketch" / WNIDS[c], c, lambda j: f"sketch_{j}.JPEG", mode="L")
+    objectnet = root / "objectnet-1.0"
+    for folder, (_, ids) in OBJECTNET_CLASSES.items():
+        (objectnet / "images" / folder).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            pixels = _standin_pixels(rng, ids[0] if ids else 0)
+            pixels[[0, -1], :] = pixels[:, [0, -1]] = (255, 0, 0)  # the released images' 1-pixel red frame
+            Image.fromarray(pixels).save(objectnet / "images" / folder / f"{name('objectnet', folder, j)}.png",
+                                         format="PNG")
+    _objectnet_mappings(objectnet / "mappings")
     return root
 
 
@@ -350,7 +432,7 @@ def make_inputs(out: Path, sizes: Sizes | None = None) -> dict[str, Path]:
     configs = write_configs(out / "configs")
     _register(configs)
     paths = {"configs": configs, "release": out / "release", "checkpoints": out / "checkpoints" / "model-soups",
-             "imagenet": out / "imagenet", "cifar": out / "cifar", "zoos": out / "zoos"}
+             "imagenet": out / "imagenet", "cifar": out / "cifar", "zoos": out / "zoos", "shifts": out / "shifts"}
     stamp = out / "done.json"
     wanted = {"version": 2, "sizes": asdict(sizes), "archs": ARCHS, "seed": SEED}  # version: of this writer
     done = json.loads(stamp.read_text()) if stamp.is_file() else None
@@ -362,6 +444,16 @@ def make_inputs(out: Path, sizes: Sizes | None = None) -> dict[str, Path]:
         write_cifar(paths["cifar"], sizes.cifar_train, sizes.cifar_test)
         write_sweeps(paths["zoos"], paths["cifar"], configs, sizes.sweep_models, sizes.sweep_steps)
         atomic_write_json(stamp, wanted)
+    # the shifts have their own stamp: inputs written before they existed are completed, not refused
+    shift_stamp = paths["shifts"] / "done.json"
+    shifts_wanted = {"version": 1, "per_class": SHIFT_PER_CLASS, "seed": SEED}
+    shifts_done = json.loads(shift_stamp.read_text()) if shift_stamp.is_file() else None
+    if shifts_done != shifts_wanted:
+        if shifts_done is not None:
+            raise FileExistsError(f"{paths['shifts']} holds stand-in shifts of another version ({shift_stamp}); "
+                                  "delete the folder")
+        write_shifts(paths["shifts"])
+        atomic_write_json(shift_stamp, shifts_wanted)
     # every run downloads again into an empty folder: the hub's path is part of what the rehearsal checks
     for path in sorted(paths["checkpoints"].glob("*")) if paths["checkpoints"].is_dir() else []:
         path.unlink()

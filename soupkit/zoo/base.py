@@ -9,6 +9,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from soupkit.errors import ParameterError
+from soupkit.zoo.shifts import ShiftInfo
+
 __all__ = ["BaseZoo"]
 
 
@@ -17,6 +20,9 @@ class BaseZoo(ABC):
 
     Attributes (of the subclasses): ``out_dir``, the zoo's folder; ``records``, one dict per model with at least
     ``index``, ``heldout_acc`` and ``test_acc`` (fractions).
+
+    Distribution shifts: ``shift_names()`` (none unless a subclass has some), ``shift_loader(name)`` and
+    ``shift_info(name)``, scored per image by ``soupkit.zoo.shifts.shift_correct``.
     """
 
     out_dir: Path
@@ -45,6 +51,26 @@ class BaseZoo(ABC):
     @abstractmethod
     def describe(self) -> str:
         """A figure-title phrase naming the zoo and its scale ("embedded zoo: 32 ViT fine-tunes on Animal-MNIST")."""
+
+    def shift_names(self) -> tuple[str, ...]:
+        """The zoo's distribution-shift test sets (none by default); each is scored with :meth:`shift_info`."""
+        return ()
+
+    def shift_info(self, name: str) -> ShiftInfo:
+        """How logits are scored on shift ``name`` (class subsets, ObjectNet's groups): pass it with the logits
+        and labels of :meth:`shift_loader` to ``soupkit.zoo.shifts.shift_correct``."""
+        self._check_shift(name)
+        raise NotImplementedError(f"{type(self).__name__} lists shift {name!r} but does not describe it")
+
+    def shift_loader(self, name: str, eval_batch_size: int = 500) -> DataLoader:
+        """Shift ``name``'s images and labels in a fixed order: (x [B, C, H, W], y [B])."""
+        self._check_shift(name)
+        raise NotImplementedError(f"{type(self).__name__} lists shift {name!r} but has no loader for it")
+
+    def _check_shift(self, name: str) -> None:
+        if name not in self.shift_names():
+            names = ", ".join(self.shift_names()) or "none"
+            raise ParameterError(f"{self.describe()} has no shift {name!r}; its shifts: {names}")
 
     def summary(self) -> dict[str, Any]:
         """One table row describing the zoo."""

@@ -57,11 +57,13 @@ from soupkit.runtime.progress import report
 from soupkit.zoo import files
 from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.config import ZooConfig
-from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_task, read_split_file,
-                                       regenerate_splits, split_path, tensor_loader, to_tensor)
+from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, SEEN_BY_TASK, SHIFTS, TASKS, Splits, SplitSizes, load_task,
+                                       read_split_file, regenerate_splits, shift_images, split_path, tensor_loader,
+                                       to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
 from soupkit.zoo.recipe import load_train_data, logits_of, pretrain_and_probe, PRETRAIN_FIELDS
 from soupkit.zoo.recipe import train as _train  # looked up here at each call: tests count fine-tunes
+from soupkit.zoo.shifts import ShiftInfo
 
 __all__ = ["FinetuneHParams", "sample_hparams", "Zoo", "build_zoo", "load_zoo", "seeded_split_name", "zoo_splits"]
 
@@ -158,6 +160,30 @@ class Zoo(BaseZoo):
             "heldout": tensor_loader(hx, hy, eval_batch_size, shuffle=False),
             "test": tensor_loader(tx, ty, eval_batch_size, shuffle=False),
         }
+
+    def shift_names(self) -> tuple[str, ...]:
+        """``embedded_data.SHIFTS`` less the families the zoo's task fine-tuned on (``SEEN_BY_TASK``)."""
+        seen = SEEN_BY_TASK.get(self.config.task, frozenset())
+        return tuple(s for s in SHIFTS if s not in seen)
+
+    def shift_info(self, name: str) -> ShiftInfo:
+        """The test split's classes themselves: plain arg-max over the zoo's classes."""
+        self._check_shift(name)
+        return ShiftInfo(name, self.config.model.num_classes)
+
+    def shift_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, C, H, W], y [n]: the whole test split (the order and labels of ``tensors("test")``) under shift
+        ``name`` (``embedded_data.shift_images``)."""
+        self._check_shift(name)
+        splits = zoo_splits(self.out_dir, self.config)
+        idx = splits.subset("test", None)
+        images = shift_images(name, self.config.task, idx)
+        return to_tensor(images, self.config.model.in_channels), torch.from_numpy(load_task(self.config.task)[1][idx])
+
+    def shift_loader(self, name: str, eval_batch_size: int = 500) -> DataLoader:
+        """Shift ``name`` of the test split in the test loader's order (``loaders()["test"]``): its per-image
+        results pair with the in-distribution ones."""
+        return tensor_loader(*self.shift_tensors(name), eval_batch_size, shuffle=False)
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """State dict of fine-tune ``index`` (CPU tensors)."""

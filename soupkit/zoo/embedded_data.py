@@ -318,3 +318,81 @@ def load_task(name: str = "animal_mnist") -> tuple[np.ndarray, np.ndarray]:
     corrupted = corrupt_images(images)
     corrupted.setflags(write=False)
     return corrupted, labels
+
+
+# ---------------------------------------------------------------------------------------------- shifts
+# Shifted copies of a zoo's test images (same indices, same labels, so each image's correctness pairs with its
+# in-distribution one). Each family is one that neither pre-training nor fine-tuning saw: ``augment`` only
+# rotates, scales and shifts. Strengths measured on models 31, 25 and 9 of the default zoo (lowest / median /
+# highest test accuracy: 0.805 / 0.821 / 0.844 in distribution):
+# - ``corrupted``: ``corrupt_images`` at a milder strength than the task ``animal_mnist_corrupted`` (occluding
+#   square and pixel noise are new; the rotation stays within pre-training's +-15 deg): 0.634 / 0.659 / 0.684.
+#   The task's own strength left 0.387 / 0.392 / 0.414, a drop over 40 points.
+# - ``blur``: Gaussian blur of sigma 1.5 px (a low-pass filter: strokes lose their edges): 0.618 / 0.619 / 0.632.
+#   sigma 1.0 cost only 1-4 points, 2.0 about 41.
+# - ``elastic``: a smooth random warp (uniform noise smoothed by a Gaussian of 3 px, scaled to at most 3 px of
+#   displacement), drawn per image from ``default_rng([seed, dataset index])``: a non-affine deformation, which
+#   ``augment``'s affine jitter cannot produce: 0.672 / 0.708 / 0.698. At most 2 px cost 6-8 points, 4 px 23-25
+#   (with other draws of the fields).
+# Not used: contrast inversion (0.08-0.10, chance level) and halved contrast (0.20-0.23); 3x3 dilation or erosion
+# of the strokes (0.41-0.48, over 35 points).
+SHIFTS: tuple[str, ...] = ("corrupted", "blur", "elastic")
+SHIFT_CORRUPTION = Corruption(seed=0, max_degrees=15.0, occlusion=6, noise_std=20.0)
+BLUR_SIGMA = 1.5
+ELASTIC_ALPHA, ELASTIC_SIGMA, ELASTIC_SEED = 3.0, 3.0, 0
+# shifts that are no shift for a task: its fine-tunes were trained on that family
+SEEN_BY_TASK: dict[str, frozenset[str]] = {"animal_mnist_corrupted": frozenset({"corrupted"})}
+
+
+def _gaussian_filter(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of x [B, 1, H, W] (zero padding: the black background), radius ceil(3 sigma)."""
+    r = int(np.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r)), k.view(1, 1, -1, 1))
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return np.clip(np.rint(x.squeeze(1).numpy()), 0, 255).astype(np.uint8)
+
+
+def blur_images(images: np.ndarray, sigma: float = BLUR_SIGMA) -> np.ndarray:
+    """Gaussian-blurred copy of uint8 images [N, H, W] (uint8 [N, H, W]); deterministic, no randomness."""
+    return _to_uint8(_gaussian_filter(torch.from_numpy(images.astype(np.float32)).unsqueeze(1), sigma))
+
+
+def elastic_images(images: np.ndarray, indices: np.ndarray, alpha: float = ELASTIC_ALPHA,
+                   sigma: float = ELASTIC_SIGMA, seed: int = ELASTIC_SEED) -> np.ndarray:
+    """Elastically warped copy of uint8 images [N, H, W] (uint8 [N, H, W]); image k's warp depends only on
+    (seed, indices[k]), its index in the data set, so any subset of a split reads the same images."""
+    n, h, w = images.shape
+    noise = np.stack([np.random.default_rng([seed, int(i)]).uniform(-1, 1, (2, h, w)) for i in indices]) \
+        if n else np.zeros((0, 2, h, w))
+    field = _gaussian_filter(torch.from_numpy(noise.astype(np.float32)).reshape(n * 2, 1, h, w), sigma)
+    field = field.reshape(n, 2, h, w)
+    field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)  # at most alpha pixels
+    ys, xs = torch.meshgrid((torch.arange(h) * 2 + 1) / h - 1, (torch.arange(w) * 2 + 1) / w - 1, indexing="ij")
+    # grid_sample's coordinates span [-1, 1] over the image: one pixel is 2 / size
+    grid = torch.stack([xs + field[:, 0] * (2 * alpha / w), ys + field[:, 1] * (2 * alpha / h)], dim=-1)
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
+    return _to_uint8(F.grid_sample(x, grid, align_corners=False, padding_mode="zeros"))
+
+
+@lru_cache(maxsize=2)
+def _corrupted_for_shift(task: str) -> np.ndarray:
+    # the whole data set, so image i's corruption is the i-th draw whichever split is read (as load_task)
+    out = corrupt_images(load_task(task)[0], SHIFT_CORRUPTION)
+    out.setflags(write=False)
+    return out
+
+
+def shift_images(name: str, task: str, indices: np.ndarray) -> np.ndarray:
+    """uint8 [n, 28, 28]: the images ``indices`` [n] of ``task`` under shift ``name`` of :data:`SHIFTS`."""
+    if name not in SHIFTS:
+        raise ValueError(f"unknown shift {name!r}; choose from {SHIFTS}")
+    if name == "corrupted":
+        return _corrupted_for_shift(task)[indices]
+    images = load_task(task)[0][indices]
+    return blur_images(images) if name == "blur" else elastic_images(images, indices)

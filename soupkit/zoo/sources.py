@@ -1,6 +1,7 @@
 """Where a zoo comes from: the embedded one (``soupkit.zoo``), model-soups' released checkpoints, or a
 ``soupkit.zoo.sweep`` folder -- behind the one interface the experiments use (``paths``, ``records``,
-``make_model()``, ``loaders(...)``), so every notebook runs at paper scale by changing parameters only.
+``make_model()``, ``loaders(...)``, ``shift_loader(...)``), so every notebook runs at paper scale by changing
+parameters only.
 
 ``prepare_zoo(out_dir, source, ...)`` is what notebook 01 calls:
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from soupkit.errors import DataError, MissingInputError, ParameterError, ResumeError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.zoo.base import BaseZoo
+from soupkit.zoo.shifts import ShiftInfo, available_shifts, imagenet_wnids, read_shift
 
 __all__ = ["SOURCES", "SourceSpec", "ExternalZoo", "prepare_zoo", "open_zoo"]
 
@@ -52,6 +54,9 @@ class SourceSpec:
         split_file: the held-out split JSON (a sweep's is ``checkpoint_dir/split.json``: use it).
         pretrained: the checkpoint the fine-tunes started from (θ_0, in their format), for Model Stock and
             task arithmetic; "" (default): not known.
+        shift_root: ImageNet only: the folder holding the distribution-shift test sets in their released layouts
+            (``soupkit.zoo.shifts``: ImageNet-V2, -R, -Sketch, -A, ObjectNet; those present are used); None: no
+            shifts. Not part of the zoo's identity: it can be set or moved without evaluating the models again.
     """
 
     kind: str
@@ -65,6 +70,7 @@ class SourceSpec:
     seed: int = 0
     workers: int = 4
     pretrained: str = ""
+    shift_root: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCES[1:]:
@@ -73,6 +79,9 @@ class SourceSpec:
             raise ParameterError(f"dataset must be one of {sorted(_NUM_CLASSES)}, got {self.dataset!r}")
         if self.num_models < 1:
             raise ParameterError(f"num_models must be >= 1, got {self.num_models}")
+        if self.shift_root is not None and self.dataset != "imagenet":
+            raise ParameterError("shift_root holds ImageNet's shifted test sets; the zoo's data set is "
+                                 f"{self.dataset!r}")
 
     @property
     def classes(self) -> int:
@@ -111,6 +120,27 @@ def _data(spec: SourceSpec, keep_text: bool) -> Any:
         raise DataError(f"{spec.data_root}: {len(data.classes)} classes, but the zoo's heads have {spec.classes} "
                         "outputs; point data_root at the data set the checkpoints were fine-tuned on")
     return data
+
+
+@lru_cache(maxsize=2)
+def _eval_transform(spec: SourceSpec, keep_text: bool) -> Any:
+    # once per zoo, not per shift: it builds the classifier to read its preprocessing
+    from soupkit.zoo import realdata  # noqa: PLC0415  (torchvision, open_clip: only for real data)
+    from soupkit.zoo.clip import build_model_soups_model, preprocess_config  # noqa: PLC0415
+
+    return realdata.clip_transform(preprocess_config(build_model_soups_model(
+        spec.classes, spec.arch, keep_text_leftovers=keep_text)))
+
+
+@lru_cache(maxsize=8)
+def _shift_data(spec: SourceSpec, keep_text: bool, name: str) -> Any:
+    transform = _eval_transform(spec, keep_text)
+    # the heads' classes are ImageFolder's sorted train folders: the wnid -> index map of ImageNet-R/-A/-Sketch
+    wnids = imagenet_wnids(Path(spec.data_root) / "train")
+    if len(wnids) != spec.classes:
+        raise DataError(f"{spec.data_root}/train: {len(wnids)} classes, but the zoo's heads have {spec.classes} "
+                        "outputs")
+    return read_shift(name, spec.shift_root, wnids, transform)
 
 
 @dataclass(frozen=True)
@@ -156,6 +186,23 @@ class ExternalZoo(BaseZoo):
     def describe(self) -> str:
         return f"{self.spec.kind} zoo: {len(self.records)} {self.spec.arch} fine-tunes on {self.spec.dataset}"
 
+    def shift_names(self) -> tuple[str, ...]:
+        """The shifts of ``soupkit.zoo.shifts.PAPER_SHIFTS`` found under ``spec.shift_root`` (none without one)."""
+        return () if self.spec.shift_root is None else available_shifts(self.spec.shift_root)
+
+    def shift_info(self, name: str) -> ShiftInfo:
+        """``soupkit.zoo.shifts.ShiftInfo`` of shift ``name`` (its class subset or ObjectNet's groups)."""
+        self._check_shift(name)
+        return _shift_data(self.spec, self._keeps_text, name).info
+
+    def shift_loader(self, name: str, eval_batch_size: int = 500) -> DataLoader:
+        """Shift ``name``'s images (the zoo's eval transform) and labels (see :meth:`shift_info`), fixed order."""
+        from soupkit.zoo.realdata import dataset_loader  # noqa: PLC0415
+
+        self._check_shift(name)
+        return dataset_loader(_shift_data(self.spec, self._keeps_text, name), eval_batch_size,
+                              num_workers=self.spec.workers)
+
     def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
                 select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
         """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
@@ -175,6 +222,13 @@ class ExternalZoo(BaseZoo):
         }
 
 
+def _identity_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """What makes two ``source.json`` the same zoo: every field (a field a file predates at its default) but the
+    shift root, which changes no model's record."""
+    defaults = {f.name: f.default for f in fields(SourceSpec) if f.default is not MISSING}
+    return {k: v for k, v in {**defaults, **spec}.items() if k != "shift_root"}
+
+
 def _identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -185,9 +239,7 @@ def _register(out: Path, spec: SourceSpec, device: str, eval_batch_size: int, pr
     from soupkit.pool.checkpoint_pool import CheckpointPool  # noqa: PLC0415
 
     old = _read(out / SOURCE_FILE)
-    if old is not None:  # a field added since that file was written counts with its default
-        old = {**{f.name: f.default for f in fields(SourceSpec) if f.default is not MISSING}, **old}
-    if old is not None and old != json.loads(json.dumps(asdict(spec))):
+    if old is not None and _identity_of(old) != _identity_of(json.loads(json.dumps(asdict(spec)))):
         raise ResumeError(f"{out / SOURCE_FILE} describes another zoo ({old}); use another folder")
     atomic_write_json(out / SOURCE_FILE, asdict(spec))
     paths = spec.checkpoint_paths()
@@ -236,7 +288,7 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
                 progress: bool = True, threads: int | None = 1, search_seed: int = 0, checkpoint_dir: str = "",
                 dataset: str = "imagenet", data_root: str = "", split_file: str = "", arch: str = "ViT-B-32-quickgelu",
                 num_classes: int | None = None, workers: int = 4, eval_batch_size: int = 256,
-                pretrained: str = "") -> Any:
+                pretrained: str = "", shift_root: str = "") -> Any:
     """Build the embedded zoo, or register and evaluate a zoo made elsewhere, in ``out_dir``; returns it.
 
     Args:
@@ -245,6 +297,8 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
             made absolute).
         pretrained: model-soups / sweep: the checkpoint the fine-tunes started from, if known (the embedded
             zoo has its own, ``backbone.safetensors``); Model Stock and task arithmetic need it.
+        shift_root: ImageNet's shifted test sets (``SourceSpec.shift_root``; "" = none). The embedded zoo
+            always has its own shifts (``soupkit.zoo.embedded_data.SHIFTS``) and ignores it.
     """
     if source not in SOURCES:
         raise ParameterError(f"source must be one of {SOURCES}, got {source!r}")
@@ -262,7 +316,8 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
         raise ParameterError("source 'model-soups' needs split_file (where the held-out split is written and re-read)")
     spec = SourceSpec(source, str(Path(checkpoint_dir).resolve()), num_models, dataset, str(Path(data_root).resolve()),
                       str(Path(split).resolve()), arch, num_classes, search_seed, workers,
-                      str(Path(pretrained).resolve()) if pretrained else "")
+                      str(Path(pretrained).resolve()) if pretrained else "",
+                      str(Path(shift_root).resolve()) if shift_root else None)
     if num_classes is None:  # the heads say how many classes they were fine-tuned on (ImageNet: 1000)
         spec = replace(spec, num_classes=_head_rows(spec.checkpoint_paths()[0]))
     out = Path(out_dir)

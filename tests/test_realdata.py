@@ -11,9 +11,9 @@ from PIL import Image
 
 from soupkit.runtime._compat import import_torchvision
 from soupkit.errors import DataError, ParameterError
-from soupkit.zoo.realdata import (ArrayImageDataset, cifar_splits, clip_transform, dataset_loader, dataset_splits,
-                                  imagenet_splits, mask_heldout, per_class_heldout, random_heldout, read_cifar,
-                                  write_cifar_dir)
+from soupkit.engine.batches import make_loader
+from soupkit.zoo.realdata import (ArrayImageDataset, cifar_splits, clip_transform, dataset_splits, imagenet_splits,
+                                  mask_heldout, per_class_heldout, random_heldout, read_cifar, write_cifar_dir)
 
 CFG = {"size": (16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
        "resize_mode": "shortest", "fill_color": 0}
@@ -122,10 +122,10 @@ def test_cifar100_split_and_loader(tmp_path):
     assert data.split.rule == "fraction:0.1" and data.split == cifar_splits(
         tmp_path, "cifar100", clip_transform(CFG), tmp_path / "split.json", seed=3).split
     data = dataset_splits("cifar100", tmp_path, clip_transform(CFG), tmp_path / "split.json", seed=3)
-    images, labels = next(iter(dataset_loader(data.train, 8, shuffle=True, seed=0)))
+    images, labels = next(iter(make_loader(data.train, 8, shuffle=True, seed=0)))
     assert images.shape == (8, 3, 16, 16) and labels.dtype == torch.int64
-    order = [lab.tolist() for _, lab in dataset_loader(data.train, 8, shuffle=True, seed=0)]
-    assert order == [lab.tolist() for _, lab in dataset_loader(data.train, 8, shuffle=True, seed=0)]
+    order = [lab.tolist() for _, lab in make_loader(data.train, 8, shuffle=True, seed=0)]
+    assert order == [lab.tolist() for _, lab in make_loader(data.train, 8, shuffle=True, seed=0)]
 
 
 def test_cifar_pickles_from_numpy1_load_and_code_is_refused(tmp_path):

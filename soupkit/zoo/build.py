@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from soupkit.engine.batches import make_loader
 from soupkit.engine.evaluation import accuracy
 from soupkit.errors import ZooMismatchError
 from soupkit.io import atomic_write_text, sha256_file
@@ -58,7 +59,7 @@ from soupkit.zoo import files
 from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, TASKS, Splits, SplitSizes, load_task, read_split_file,
-                                       regenerate_splits, split_path, tensor_loader, to_tensor)
+                                       regenerate_splits, split_path, to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
 from soupkit.zoo.recipe import load_train_data, logits_of, pretrain_and_probe, PRETRAIN_FIELDS
 from soupkit.zoo.recipe import train as _train  # looked up here at each call: tests count fine-tunes
@@ -147,11 +148,11 @@ class Zoo(BaseZoo):
         n_select = int(round(select_fraction * len(hy)))
         learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
         return {
-            "learn": tensor_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
-            "select": tensor_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
+            "learn": make_loader((learn_x, learn_y), batch_size, shuffle=True, seed=seed),
+            "select": make_loader((hx[len(hy) - n_select:], hy[len(hy) - n_select:]), eval_batch_size)
             if n_select else None,
-            "heldout": tensor_loader(hx, hy, eval_batch_size, shuffle=False),
-            "test": tensor_loader(tx, ty, eval_batch_size, shuffle=False),
+            "heldout": make_loader((hx, hy), eval_batch_size),
+            "test": make_loader((tx, ty), eval_batch_size),
         }
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:

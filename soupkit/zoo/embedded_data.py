@@ -1,4 +1,4 @@
-"""Offline image data shipped inside PyPI wheels, fixed seeded splits, and torch loaders.
+"""Offline image data shipped inside PyPI wheels, fixed seeded splits, and their torch tensors.
 
 Animal-MNIST (10 000 greyscale 28x28 images, 10 classes x 1 000) is the task every soup is built for.
 Its indices are divided once into the paper's four roles and saved under ``soupkit/zoo/splits/`` so that
@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from soupkit.errors import DataError, MissingInputError
 from soupkit.io import atomic_write_text, sha256_arrays
@@ -214,21 +213,6 @@ def to_tensor(images: np.ndarray, channels: int = 1) -> torch.Tensor:
     x = torch.from_numpy(np.array(images, dtype=np.float32, copy=True)).div_(255.0)
     x = x.sub_(PIXEL_MEAN).div_(PIXEL_STD).unsqueeze(1)
     return x.expand(-1, channels, -1, -1).contiguous() if channels > 1 else x
-
-
-def tensor_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-) -> DataLoader:
-    """Deterministic in-memory loader over x [N, ...] and y [N]: yields (x [B, ...], y [B]).
-
-    The order depends only on ``seed`` (a private generator, not the global RNG). Whole batches are
-    indexed at once, which is several times faster than per-sample collation for tensors in memory.
-    """
-    ds = TensorDataset(x, y)
-    base = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    # DataLoader draws a worker base seed per epoch from its generator, else from the global RNG.
-    return DataLoader(ds, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None,
-                      generator=torch.Generator().manual_seed(seed))
 
 
 def augment(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

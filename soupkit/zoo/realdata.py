@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from soupkit.errors import DataError, ParameterError
 from soupkit.io import atomic_write_text, sha256_arrays
@@ -31,7 +31,7 @@ from soupkit.runtime._compat import import_open_clip, import_torchvision
 __all__ = [
     "HeldoutSplit", "DataSplits", "per_class_heldout", "random_heldout", "mask_heldout",
     "load_or_create_split", "read_split", "clip_transform", "ArrayImageDataset", "read_cifar",
-    "write_cifar_dir", "imagenet_splits", "cifar_splits", "dataset_splits", "dataset_loader",
+    "write_cifar_dir", "imagenet_splits", "cifar_splits", "dataset_splits",
 ]
 
 SPLIT_FORMAT = "soupkit-heldout/1"
@@ -306,12 +306,3 @@ def dataset_splits(dataset: str, root: str | os.PathLike, transform: Callable, s
     if dataset == "imagenet":
         return imagenet_splits(root, transform, split_file, seed=seed, train_transform=train_transform)
     return cifar_splits(root, dataset, transform, split_file, seed=seed, train_transform=train_transform)
-
-
-def dataset_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    """DataLoader yielding (images [B, 3, H, W], labels [B]); the shuffle order is fixed by ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)

@@ -12,7 +12,7 @@ from soupkit.engine.batches import make_loader
 from soupkit.errors import DataError, MissingInputError, SoupkitError
 from soupkit.zoo import embedded_data as data
 from soupkit.zoo.embedded_data import (SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, read_split_file,
-                                       regenerate_splits, split_path, to_tensor)
+                                       regenerate_splits, split_indices, split_path, to_tensor)
 
 
 def test_animal_mnist_shapes() -> None:
@@ -69,6 +69,19 @@ def test_split_file_mismatches_are_soupkit_errors(tmp_path, change, message) -> 
 def test_a_missing_split_file_is_a_missing_input(tmp_path) -> None:
     with pytest.raises(MissingInputError, match="regenerate_splits"):
         read_split_file(tmp_path)
+
+
+def test_split_files_are_read_by_one_reader(tmp_path) -> None:
+    """read_split_json and split_indices read both kinds of split file (this one and realdata's held-out file):
+    an unreadable file or a bad index list is a DataError naming the file."""
+    split_path(tmp_path).write_text("{not json")
+    with pytest.raises(DataError, match=r"animal_mnist_v3\.json: unreadable split file \(JSONDecodeError"):
+        read_split_file(tmp_path)
+    idx = split_indices({"a": [2, 0], "b": [1]}, 3, "f.json")
+    assert idx["a"].tolist() == [2, 0] and idx["a"].dtype == np.int64 and not idx["a"].flags.writeable
+    for lists in ({"a": [0, 2], "b": [2]}, {"a": [1, 1]}, {"a": [3]}, {"a": [-1]}):
+        with pytest.raises(DataError, match=r"f\.json: split indices overlap, repeat or fall outside \[0, 3\)"):
+            split_indices(lists, 3, "f.json")
 
 
 def test_subset_is_prefix_and_bounded() -> None:

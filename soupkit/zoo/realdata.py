@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, Subset
 from soupkit.errors import DataError, ParameterError
 from soupkit.io import atomic_write_text, sha256_arrays
 from soupkit.runtime._compat import import_open_clip, import_torchvision
+from soupkit.zoo.embedded_data import read_split_json, split_indices
 
 __all__ = [
     "HeldoutSplit", "DataSplits", "per_class_heldout", "random_heldout", "mask_heldout",
@@ -100,23 +101,23 @@ def _fingerprint(lines: Sequence[str]) -> str:
 
 
 def read_split(path: str | os.PathLike) -> HeldoutSplit:
-    """Read a split JSON written by ``load_or_create_split``."""
+    """Read a split JSON written by ``load_or_create_split`` (through the split-file reader of ``embedded_data``)."""
     path = Path(path)
+    data = read_split_json(path)
+    if data.get("format") != SPLIT_FORMAT:
+        raise DataError(f"{path}: not a soupkit held-out split (format {data.get('format')!r})")
     try:
-        data = json.loads(path.read_text())
-        if data.get("format") != SPLIT_FORMAT:
-            raise DataError(f"{path}: not a soupkit held-out split (format {data.get('format')!r})")
-        heldout = sorted(int(i) for i in data["heldout"])
         n = int(data["num_samples"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        indices = split_indices({"heldout": data["heldout"]}, n, path)["heldout"]
+        rule, fingerprint = data["rule"], data["fingerprint"]
+    except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path}: unreadable split file ({type(err).__name__}: {err})") from err
-    if heldout and (heldout[0] < 0 or heldout[-1] >= n or len(set(heldout)) != len(heldout)):
-        raise DataError(f"{path}: held-out indices out of range [0, {n}) or repeated")
+    heldout = sorted(int(i) for i in indices)
     held = set(heldout)
-    return HeldoutSplit(tuple(heldout), tuple(i for i in range(n) if i not in held), n, data["rule"],
-                        data.get("seed"), data["fingerprint"])
+    return HeldoutSplit(tuple(heldout), tuple(i for i in range(n) if i not in held), n, rule, data.get("seed"),
+                        fingerprint)
 
 
 def load_or_create_split(path: str | os.PathLike, *, num_samples: int, fingerprint: str, rule: str,

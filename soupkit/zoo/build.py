@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.engine.batches import make_loader
 from soupkit.engine.evaluation import accuracy
 from soupkit.errors import ZooMismatchError
@@ -139,8 +140,10 @@ class Zoo(BaseZoo):
         task = self.config.task.replace("animal_mnist", "Animal-MNIST").replace("_", " ")
         return f"embedded zoo: {len(self.records)} {self._arch} fine-tunes on {task}"
 
-    def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    def loaders(self, heldout_size: int | None = None, batch_size: int = MAIN_TABLE_SETTINGS["batch_size"],
+                eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"],
+                select_fraction: float = MAIN_TABLE_SETTINGS["select_fraction"],
+                seed: int = 0) -> dict[str, DataLoader | None]:
         """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a class-balanced prefix of the held-out split, the
         last ``select_fraction`` of it is the select part."""
         hx, hy = self.tensors("heldout", heldout_size)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.engine.batches import make_loader
 from soupkit.errors import DataError, MissingInputError, ParameterError, ResumeError
 from soupkit.io import atomic_write_json, atomic_write_text
@@ -149,8 +150,10 @@ class ExternalZoo(BaseZoo):
     def describe(self) -> str:
         return f"{self.spec.kind} zoo: {len(self.records)} {self.spec.arch} fine-tunes on {self.spec.dataset}"
 
-    def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    def loaders(self, heldout_size: int | None = None, batch_size: int = MAIN_TABLE_SETTINGS["batch_size"],
+                eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"],
+                select_fraction: float = MAIN_TABLE_SETTINGS["select_fraction"],
+                seed: int = 0) -> dict[str, DataLoader | None]:
         """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
         data = _data(self.spec, self._keeps_text)
         order = np.random.default_rng(self.spec.seed).permutation(len(data.heldout))

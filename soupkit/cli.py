@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig
+from soupkit.engine.batches import make_loader
 from soupkit.errors import MissingPretrainedError, OneLineArgumentParser, SoupkitError
 from soupkit.methods.registry import METHODS, config_for, make_soup
 from soupkit.pool.checkpoint_pool import CheckpointPool
@@ -204,9 +205,8 @@ def _arch_inputs(args: argparse.Namespace, pool_paths: list[Path], rank: int, wo
         dist.barrier()
         if rank != 0:
             splits = realdata.dataset_splits(args.data, args.data_root, transform, split_file, seed=args.seed)
-    learn = realdata.dataset_loader(splits.heldout, args.batch_size, shuffle=True, seed=args.seed,
-                                 num_workers=args.workers)
-    test = realdata.dataset_loader(splits.test, args.eval_batch_size or 256, num_workers=args.workers)
+    learn = make_loader(splits.heldout, args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers)
+    test = make_loader(splits.test, args.eval_batch_size or 256, num_workers=args.workers)
     return model, pool, learn, None, test
 
 

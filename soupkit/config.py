@@ -362,8 +362,10 @@ TASK_ARITHMETIC_DEFAULTS = SoupConfig(algorithm=Algorithm(scale_grid=TASK_ARITHM
 # Notebook 02's settings at the embedded scale (its parameters cell holds the same literals: papermill reads only
 # literals there, and tests/test_cli.py keeps both equal). `python -m soupkit --zoo` defaults to them through
 # soupkit.experiments.run.main_table_options, so one method on one zoo gives one soup in the notebook and on the command line.
+# The numbers are written here once: the zoos' loaders, RunSpec, seed_study, SideStudySettings and the ablations'
+# Setting take their defaults from this dict (its learning settings and seed come from the defaults above).
 MAIN_TABLE_SETTINGS: dict[str, Any] = {
-    "heldout_size": 2000, "select_fraction": 0.0, "batch_size": 128, "eval_batch_size": 500, "seed": 0,
+    "heldout_size": 2000, "select_fraction": 0.0, "batch_size": 128, "eval_batch_size": 500, "seed": Run().seed,
     "model_batch_size": 8, "learned_lr": LEARNED_DEFAULTS.algorithm.lr,
     "hyperplane_lr": HYPERPLANE_DEFAULTS.algorithm.lr,
     "weight_decay": HYPERPLANE_DEFAULTS.algorithm.weight_decay, "epochs": HYPERPLANE_DEFAULTS.algorithm.epochs,

@@ -172,3 +172,36 @@ def test_make_soups_flat_options_land_in_their_groups(bn_setup):
                                outer_iterations=2, progress=False)
     assert (result.stats["model_batch_size"], result.stats["inner_iterations"]) == (2, 3)
     assert result.stats["outer_iterations"] == 2
+
+
+def test_main_table_settings_are_the_defaults_of_the_runs_built_on_them():
+    """config.MAIN_TABLE_SETTINGS holds the main table's numbers once: the zoos' loaders, RunSpec, seed_study,
+    SideStudySettings and the ablations' Setting default to them, and it takes its seed and learning settings from
+    the methods' defaults."""
+    import inspect
+
+    from soupkit.config import LEARNED_DEFAULTS, MAIN_TABLE_SETTINGS as main
+    from soupkit.experiments.ablations import Setting
+    from soupkit.experiments.run import RunSpec
+    from soupkit.experiments.seed_studies import SideStudySettings
+    from soupkit.experiments.seeds import seed_study
+    from soupkit.zoo.base import BaseZoo
+    from soupkit.zoo.build import Zoo
+    from soupkit.zoo.sources import ExternalZoo
+
+    for loaders in (BaseZoo.loaders, Zoo.loaders, ExternalZoo.loaders):
+        params = inspect.signature(loaders).parameters
+        for key in ("batch_size", "eval_batch_size", "select_fraction"):
+            assert params[key].default == main[key], (loaders.__qualname__, key)
+    for key in ("select_fraction", "batch_size", "eval_batch_size", "seed"):
+        assert getattr(RunSpec, key) == main[key], key
+    params = inspect.signature(seed_study).parameters
+    assert [params[k].default for k in ("heldout_size", "batch_size", "eval_batch_size")] == [
+        main["heldout_size"], main["batch_size"], main["eval_batch_size"]]
+    study = SideStudySettings()
+    assert (study.ablation_heldout_size, study.batch_size, study.model_batch_size) == (
+        main["heldout_size"], main["batch_size"], main["model_batch_size"])
+    assert Setting().model_batch_size == main["model_batch_size"]
+    hyperplane = HYPERPLANE_DEFAULTS.algorithm
+    assert (main["seed"], main["learned_lr"], main["hyperplane_lr"], main["epochs"]) == (
+        Run().seed, LEARNED_DEFAULTS.algorithm.lr, hyperplane.lr, hyperplane.epochs)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from soupkit.engine.batches import make_loader
 from soupkit.errors import DataError, MissingInputError, SoupkitError
 from soupkit.zoo import embedded_data as data
 from soupkit.zoo.embedded_data import (SPLIT_NAMES, SplitSizes, augment, load_animal_mnist, load_split, read_split_file,
-                                       regenerate_splits, split_path, tensor_loader, to_tensor)
+                                       regenerate_splits, split_indices, split_path, to_tensor)
 
 
 def test_animal_mnist_shapes() -> None:
@@ -70,6 +71,19 @@ def test_a_missing_split_file_is_a_missing_input(tmp_path) -> None:
         read_split_file(tmp_path)
 
 
+def test_split_files_are_read_by_one_reader(tmp_path) -> None:
+    """read_split_json and split_indices read both kinds of split file (this one and realdata's held-out file):
+    an unreadable file or a bad index list is a DataError naming the file."""
+    split_path(tmp_path).write_text("{not json")
+    with pytest.raises(DataError, match=r"animal_mnist_v3\.json: unreadable split file \(JSONDecodeError"):
+        read_split_file(tmp_path)
+    idx = split_indices({"a": [2, 0], "b": [1]}, 3, "f.json")
+    assert idx["a"].tolist() == [2, 0] and idx["a"].dtype == np.int64 and not idx["a"].flags.writeable
+    for lists in ({"a": [0, 2], "b": [2]}, {"a": [1, 1]}, {"a": [3]}, {"a": [-1]}):
+        with pytest.raises(DataError, match=r"f\.json: split indices overlap, repeat or fall outside \[0, 3\)"):
+            split_indices(lists, 3, "f.json")
+
+
 def test_subset_is_prefix_and_bounded() -> None:
     splits = read_split_file()
     assert np.array_equal(splits.subset("heldout", 250), splits.heldout[:250])
@@ -97,7 +111,7 @@ def test_to_tensor_and_loader_shapes() -> None:
     assert abs(float(x.mean())) < 0.3  # roughly standardised
     assert to_tensor(images[:2], channels=3).shape == (2, 3, 28, 28)
     y = torch.from_numpy(labels)
-    batches = list(tensor_loader(x, y, batch_size=128, shuffle=False))
+    batches = list(make_loader((x, y), batch_size=128))
     assert [len(b[1]) for b in batches] == [128, 128, 44]
     assert batches[0][0].shape == (128, 1, 28, 28) and batches[0][1].dtype == torch.int64
     assert torch.equal(batches[0][0], x[:128])
@@ -105,12 +119,30 @@ def test_to_tensor_and_loader_shapes() -> None:
 
 def test_loader_order_depends_only_on_seed() -> None:
     x, y = torch.arange(50.0).view(50, 1), torch.arange(50)
-    order = lambda seed: torch.cat([b[1] for b in tensor_loader(x, y, 16, shuffle=True, seed=seed)])
+    order = lambda seed: torch.cat([b[1] for b in make_loader((x, y), 16, shuffle=True, seed=seed)])
     torch.manual_seed(123)
     a = order(0)
     torch.manual_seed(456)  # the global RNG must not matter
     assert torch.equal(a, order(0)) and not torch.equal(a, order(1))
     assert torch.equal(a.sort().values, y)
+
+
+def test_one_loader_builder_keeps_each_kind_of_data_in_its_committed_order() -> None:
+    """make_loader builds the embedded zoos' in-memory loaders and the paper-scale Dataset loaders; each kind keeps
+    the batch order its committed results were computed with (pinned here, two epochs, seed 0)."""
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    epochs = lambda loader: [[b[1].tolist() for b in loader] for _ in range(2)]  # noqa: E731
+    in_memory = make_loader((x, y), 4, shuffle=True, seed=0)
+    assert epochs(in_memory) == [[[4, 1, 7, 5], [3, 9, 0, 8], [6, 2]], [[4, 0, 8, 5], [9, 1, 6, 3], [7, 2]]]
+    assert in_memory.batch_size is None  # whole batches indexed at once, not collated item by item
+    # a Dataset: DataLoader(shuffle=True)'s own sampler, drawing from the loader's generator
+    assert epochs(make_loader(torch.utils.data.TensorDataset(x, y), 4, shuffle=True, seed=0)) == [
+        [[3, 7, 5, 2], [0, 8, 1, 6], [9, 4]], [[1, 3, 2, 7], [5, 9, 0, 6], [4, 8]]]
+    assert [b[1].tolist() for b in make_loader((x, y), 4, shuffle=True, seed=0, drop_last=True)] == [
+        [4, 1, 7, 5], [3, 9, 0, 8]]
+    assert [b[1].tolist() for b in make_loader((x, y), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    workers = make_loader((x, y), 4, num_workers=1, pin_memory=True)
+    assert (workers.num_workers, workers.pin_memory, workers.persistent_workers) == (1, True, True)
 
 
 def test_augment_is_seeded_and_off_at_zero() -> None:

@@ -11,9 +11,10 @@ from PIL import Image
 
 from soupkit.runtime._compat import import_torchvision
 from soupkit.errors import DataError, ParameterError
-from soupkit.zoo.realdata import (ArrayImageDataset, cifar_splits, clip_transform, dataset_loader, dataset_splits,
+from soupkit.engine.batches import make_loader
+from soupkit.zoo.realdata import (SPLIT_FORMAT, ArrayImageDataset, cifar_splits, clip_transform, dataset_splits,
                                   imagenet_splits, mask_heldout, per_class_heldout, random_heldout, read_cifar,
-                                  write_cifar_dir)
+                                  read_split, write_cifar_dir)
 
 CFG = {"size": (16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
        "resize_mode": "shortest", "fill_color": 0}
@@ -75,6 +76,26 @@ def test_imagenet_folder_split_saved_and_reread(tmp_path):
         imagenet_splits(root, clip_transform(CFG), split_file, per_class=2, seed=0)
 
 
+def test_heldout_split_file_through_the_shared_reader(tmp_path):
+    path = tmp_path / "held.json"
+    doc = {"format": SPLIT_FORMAT, "rule": "fraction:0.1", "seed": 0, "num_samples": 5, "fingerprint": "f",
+           "heldout": [3, 1]}
+    path.write_text(json.dumps(doc))
+    split = read_split(path)
+    assert (split.heldout, split.train, split.num_samples, split.rule) == ((1, 3), (0, 2, 4), 5, "fraction:0.1")
+    for heldout in ([1, 1], [5], [-1]):
+        path.write_text(json.dumps({**doc, "heldout": heldout}))
+        with pytest.raises(DataError, match=r"held\.json: split indices overlap, repeat or fall outside \[0, 5\)"):
+            read_split(path)
+    for text in ("[1, 2]", "{not json", json.dumps({k: v for k, v in doc.items() if k != "rule"})):
+        path.write_text(text)
+        with pytest.raises(DataError, match=r"held\.json: (unreadable|a split file holds a JSON object)"):
+            read_split(path)
+    path.write_text(json.dumps({**doc, "format": "other/1"}))
+    with pytest.raises(DataError, match="not a soupkit held-out split"):
+        read_split(path)
+
+
 def test_imagenet_model_soups_mask_file(tmp_path):
     root = _imagenet_dir(tmp_path / "imagenet")
     mask = np.zeros(15, dtype=np.int64)
@@ -122,10 +143,10 @@ def test_cifar100_split_and_loader(tmp_path):
     assert data.split.rule == "fraction:0.1" and data.split == cifar_splits(
         tmp_path, "cifar100", clip_transform(CFG), tmp_path / "split.json", seed=3).split
     data = dataset_splits("cifar100", tmp_path, clip_transform(CFG), tmp_path / "split.json", seed=3)
-    images, labels = next(iter(dataset_loader(data.train, 8, shuffle=True, seed=0)))
+    images, labels = next(iter(make_loader(data.train, 8, shuffle=True, seed=0)))
     assert images.shape == (8, 3, 16, 16) and labels.dtype == torch.int64
-    order = [lab.tolist() for _, lab in dataset_loader(data.train, 8, shuffle=True, seed=0)]
-    assert order == [lab.tolist() for _, lab in dataset_loader(data.train, 8, shuffle=True, seed=0)]
+    order = [lab.tolist() for _, lab in make_loader(data.train, 8, shuffle=True, seed=0)]
+    assert order == [lab.tolist() for _, lab in make_loader(data.train, 8, shuffle=True, seed=0)]
 
 
 def test_cifar_pickles_from_numpy1_load_and_code_is_refused(tmp_path):

@@ -211,11 +211,11 @@ if __name__ == "__main__":
 def test_resume_with_a_private_generator_loader_made_anew(bn_setup, tmp_path, monkeypatch):
     # a restarted process builds its loader again from its seed: the sampler's own generator restarts too,
     # so the run must put it back where it was (here past the first pass over the held-out data)
-    from soupkit.zoo.embedded_data import tensor_loader
+    from soupkit.engine.batches import make_loader
 
     base, states, _ = bn_setup
     x, y = make_data()
-    fresh = lambda: tensor_loader(x, y, 48, shuffle=True, seed=3)  # noqa: E731
+    fresh = lambda: make_loader((x, y), 48, shuffle=True, seed=3)  # noqa: E731
     options = dict(model_batch_size=2, outer_iterations=5, inner_iterations=3, progress=False)
     reference = make_soup("mehl+", base, states, fresh(), **options)
     with monkeypatch.context() as patch:

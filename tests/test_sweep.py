@@ -15,7 +15,8 @@ from soupkit.zoo.clip import (build_model_soups_model, create_clip, load_model_s
                               preprocess_config)
 from soupkit.io import sha256_file
 from soupkit.pool.checkpoint_pool import CheckpointPool
-from soupkit.zoo.realdata import clip_transform, dataset_loader, dataset_splits, write_cifar_dir
+from soupkit.engine.batches import make_loader
+from soupkit.zoo.realdata import clip_transform, dataset_splits, write_cifar_dir
 from soupkit.errors import SweepError
 from soupkit.engine.schedule import warmup_cosine
 from soupkit.zoo.sweep import SweepConfig, main, sample_hparams
@@ -66,7 +67,7 @@ def test_sweep_writes_resumes_and_extends(setup):
     transform = clip_transform(preprocess_config(create_clip(TINY)))
     data = dataset_splits("cifar10", tmp_path / "data", transform, out / "split.json", seed=0)
     for split, key in ((data.heldout, "heldout_acc"), (data.test, "test_acc")):
-        assert evaluate(model, model.state_dict(), dataset_loader(split, 8)) == records[0][key], key
+        assert evaluate(model, model.state_dict(), make_loader(split, 8)) == records[0][key], key
     pool = CheckpointPool([out / r["file"] for r in records], model=model)
     assert len(pool) == 2
     init = load_model_soups_checkpoint(out / "init.safetensors")

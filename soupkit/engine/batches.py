@@ -1,8 +1,10 @@
-"""The held-out batches a learned soup trains on: a re-iterable stream with a position that can be saved.
+"""The batches soupkit reads: the one DataLoader builder and the held-out stream a learned soup trains on.
 
-:class:`BatchStream` re-batches any re-iterable loader of ``(inputs, labels)``, counts steps across epochs,
-gives this rank its share of every batch under data parallelism, and saves/restores its position (including
-a loader's private shuffling generators) so a resumed run sees the same batches in the same order.
+:func:`make_loader` builds every loader of the package (fine-tuning, held-out and test sets, in memory or on
+disk); its order depends only on its seed. :class:`BatchStream` re-batches any re-iterable loader of
+``(inputs, labels)``, counts steps across epochs, gives this rank its share of every batch under data
+parallelism, and saves/restores its position (including a loader's private shuffling generators) so a
+resumed run sees the same batches in the same order.
 """
 from __future__ import annotations
 
@@ -11,11 +13,40 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 from soupkit.errors import DataError
 from soupkit.runtime.distributed import shard_bounds, shard_loader
 
-__all__ = ["BatchStream"]
+__all__ = ["make_loader", "BatchStream"]
+
+
+def make_loader(data: Dataset | tuple[Tensor, Tensor], batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """DataLoader yielding ``(inputs [B, ...], labels [B])``; the shuffle order depends only on ``seed``.
+
+    Args:
+        data: a map-style Dataset of ``(input, label)`` items (read one by one and collated, e.g. images on
+            disk), or tensors ``(x [N, ...], y [N])`` in memory (indexed a whole batch at once, several times
+            faster than collating N single items).
+        batch_size, shuffle, drop_last, num_workers, pin_memory: as ``torch.utils.data.DataLoader``; workers
+            persist across epochs.
+        seed: seeds the loader's private generators (the global RNG is not used): the shuffle order, and the
+            base seed DataLoader draws for its workers every epoch.
+    """
+    loader_rng = torch.Generator().manual_seed(seed)
+    workers = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
+    if not isinstance(data, tuple):  # DataLoader's own RandomSampler, drawing from the loader's generator
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=loader_rng,
+                          **workers)
+    # In memory the order has a generator of its own (same seed) instead: the embedded zoos were built and their
+    # committed results computed with that stream, the paper-scale sweeps with the one above, so both stay.
+    dataset = TensorDataset(*data)
+    order_rng = torch.Generator().manual_seed(seed)
+    items = RandomSampler(dataset, generator=order_rng) if shuffle else SequentialSampler(dataset)
+    # the sampler yields index lists and TensorDataset returns a whole batch for each (no per-item collation)
+    return DataLoader(dataset, sampler=BatchSampler(items, batch_size, drop_last), batch_size=None,
+                      generator=loader_rng, **workers)
 
 
 class BatchStream:

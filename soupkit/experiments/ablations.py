@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from soupkit.config import HYPERPLANE_DEFAULTS
+from soupkit.config import HYPERPLANE_DEFAULTS, MAIN_TABLE_SETTINGS
 from soupkit.experiments.results import record_test_interval, write_csv
 from soupkit.experiments.run import RunSpec, run_method
 from soupkit.io import atomic_write_json
@@ -56,7 +56,7 @@ class Setting:
         decentralize: directions θ_i − θ̄ (True, the paper's method) or θ_i (appendix D).
     """
 
-    model_batch_size: int = 8
+    model_batch_size: int = MAIN_TABLE_SETTINGS["model_batch_size"]
     outer_passes: int = 1
     epochs: float | None = HYPERPLANE_DEFAULTS.algorithm.epochs
     decentralize: bool = True

@@ -65,10 +65,10 @@ class RunSpec:
     save_dir: str | None = None
     models: tuple[int, ...] | None = None
     heldout_size: int | None = None
-    select_fraction: float = 0.0
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    seed: int = 0
+    select_fraction: float = MAIN_TABLE_SETTINGS["select_fraction"]
+    batch_size: int = MAIN_TABLE_SETTINGS["batch_size"]
+    eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"]
+    seed: int = MAIN_TABLE_SETTINGS["seed"]
     options: dict[str, Any] = field(default_factory=dict)
     memory_cap_mb: float | None = None
     device: str = "cpu"

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from tqdm.auto import tqdm
 
+from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.errors import MissingInputError
 from soupkit.experiments.ablations import Setting, ablation_grid, run_ablations
 from soupkit.experiments.claims import EQUIVALENCE_MARGIN
@@ -84,9 +85,9 @@ class SideStudySettings:
     paper_models: int = 72
     num_finetuned: tuple[int, ...] = (4, 8, 16, 32)
     heldout_size: int = 1000
-    ablation_heldout_size: int = 2000
-    batch_size: int = 128
-    model_batch_size: int = 8
+    ablation_heldout_size: int = MAIN_TABLE_SETTINGS["heldout_size"]
+    batch_size: int = MAIN_TABLE_SETTINGS["batch_size"]
+    model_batch_size: int = MAIN_TABLE_SETTINGS["model_batch_size"]
     learned_lr: float | None = None
     hyperplane_lr: float | None = None
     weight_decay: float | None = None

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.experiments.results import write_csv
 from soupkit.experiments.run import predictions_path, read_correct, run_methods
 from soupkit.experiments.stats import paired_difference, seed_interval, verdict
@@ -148,7 +149,9 @@ def _in_parallel(plans: list[dict[str, Any]], jobs: int, device: str, threads: i
 
 def seed_study(out_dir: str | os.PathLike, seeds: Sequence[int], methods: Sequence[str],
                options: Mapping[str, Mapping[str, Any]] | None = None, num_models: int = 32,
-               heldout_size: int | None = 2000, *, batch_size: int = 128, eval_batch_size: int = 500,
+               heldout_size: int | None = MAIN_TABLE_SETTINGS["heldout_size"], *,
+               batch_size: int = MAIN_TABLE_SETTINGS["batch_size"],
+               eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"],
                zoo_overrides: Mapping[str, Any] | None = None, threads: int | None = 1, jobs: int = 1,
                isolate: bool = False, device: str = "cpu", progress: bool = True) -> pd.DataFrame:
     """Build the zoo of every seed and run ``methods`` on it; write the records and ``<out_dir>/records.csv``.

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.errors import ParameterError
 from soupkit.zoo.shifts import ShiftInfo
 
@@ -43,8 +44,10 @@ class BaseZoo(ABC):
         ``n`` None: all of it."""
 
     @abstractmethod
-    def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    def loaders(self, heldout_size: int | None = None, batch_size: int = MAIN_TABLE_SETTINGS["batch_size"],
+                eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"],
+                select_fraction: float = MAIN_TABLE_SETTINGS["select_fraction"],
+                seed: int = 0) -> dict[str, DataLoader | None]:
         """``learn`` (shuffled held-out part for the coefficients), ``select`` (held-out part for early stopping,
         or None), ``heldout`` and ``test`` (fixed order, for evaluation)."""
 

@@ -50,6 +50,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from soupkit.config import MAIN_TABLE_SETTINGS
+from soupkit.engine.batches import make_loader
 from soupkit.engine.evaluation import accuracy
 from soupkit.errors import ZooMismatchError
 from soupkit.io import atomic_write_text, sha256_file
@@ -58,8 +60,7 @@ from soupkit.zoo import files
 from soupkit.zoo.base import BaseZoo
 from soupkit.zoo.config import ZooConfig
 from soupkit.zoo.embedded_data import (DEFAULT_SPLITS_DIR, SEEN_BY_TASK, SHIFTS, TASKS, Splits, SplitSizes, load_task,
-                                       read_split_file, regenerate_splits, shift_images, split_path, tensor_loader,
-                                       to_tensor)
+                                       read_split_file, regenerate_splits, shift_images, split_path, to_tensor)
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
 from soupkit.zoo.recipe import load_train_data, logits_of, pretrain_and_probe, PRETRAIN_FIELDS
 from soupkit.zoo.recipe import train as _train  # looked up here at each call: tests count fine-tunes
@@ -145,8 +146,10 @@ class Zoo(BaseZoo):
         task = self.config.task.replace("animal_mnist", "Animal-MNIST").replace("_", " ")
         return f"embedded zoo: {len(self.records)} {self._arch} fine-tunes on {task}"
 
-    def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    def loaders(self, heldout_size: int | None = None, batch_size: int = MAIN_TABLE_SETTINGS["batch_size"],
+                eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"],
+                select_fraction: float = MAIN_TABLE_SETTINGS["select_fraction"],
+                seed: int = 0) -> dict[str, DataLoader | None]:
         """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a class-balanced prefix of the held-out split, the
         last ``select_fraction`` of it is the select part."""
         hx, hy = self.tensors("heldout", heldout_size)
@@ -154,11 +157,11 @@ class Zoo(BaseZoo):
         n_select = int(round(select_fraction * len(hy)))
         learn_x, learn_y = hx[: len(hy) - n_select], hy[: len(hy) - n_select]
         return {
-            "learn": tensor_loader(learn_x, learn_y, batch_size, shuffle=True, seed=seed),
-            "select": tensor_loader(hx[len(hy) - n_select:], hy[len(hy) - n_select:], eval_batch_size, shuffle=False)
+            "learn": make_loader((learn_x, learn_y), batch_size, shuffle=True, seed=seed),
+            "select": make_loader((hx[len(hy) - n_select:], hy[len(hy) - n_select:]), eval_batch_size)
             if n_select else None,
-            "heldout": tensor_loader(hx, hy, eval_batch_size, shuffle=False),
-            "test": tensor_loader(tx, ty, eval_batch_size, shuffle=False),
+            "heldout": make_loader((hx, hy), eval_batch_size),
+            "test": make_loader((tx, ty), eval_batch_size),
         }
 
     def shift_names(self) -> tuple[str, ...]:
@@ -183,7 +186,7 @@ class Zoo(BaseZoo):
     def shift_loader(self, name: str, eval_batch_size: int = 500) -> DataLoader:
         """Shift ``name`` of the test split in the test loader's order (``loaders()["test"]``): its per-image
         results pair with the in-distribution ones."""
-        return tensor_loader(*self.shift_tensors(name), eval_batch_size, shuffle=False)
+        return make_loader(self.shift_tensors(name), eval_batch_size)
 
     def load_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """State dict of fine-tune ``index`` (CPU tensors)."""

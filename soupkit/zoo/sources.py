@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from soupkit.config import MAIN_TABLE_SETTINGS
+from soupkit.engine.batches import make_loader
 from soupkit.errors import DataError, MissingInputError, ParameterError, ResumeError
 from soupkit.io import atomic_write_json, atomic_write_text
 from soupkit.zoo.base import BaseZoo
@@ -197,17 +199,15 @@ class ExternalZoo(BaseZoo):
 
     def shift_loader(self, name: str, eval_batch_size: int = 500) -> DataLoader:
         """Shift ``name``'s images (the zoo's eval transform) and labels (see :meth:`shift_info`), fixed order."""
-        from soupkit.zoo.realdata import dataset_loader  # noqa: PLC0415
-
         self._check_shift(name)
-        return dataset_loader(_shift_data(self.spec, self._keeps_text, name), eval_batch_size,
-                              num_workers=self.spec.workers)
+        return make_loader(_shift_data(self.spec, self._keeps_text, name), eval_batch_size,
+                           num_workers=self.spec.workers)
 
-    def loaders(self, heldout_size: int | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                select_fraction: float = 0.0, seed: int = 0) -> dict[str, DataLoader | None]:
+    def loaders(self, heldout_size: int | None = None, batch_size: int = MAIN_TABLE_SETTINGS["batch_size"],
+                eval_batch_size: int = MAIN_TABLE_SETTINGS["eval_batch_size"],
+                select_fraction: float = MAIN_TABLE_SETTINGS["select_fraction"],
+                seed: int = 0) -> dict[str, DataLoader | None]:
         """See :meth:`BaseZoo.loaders`; ``heldout_size`` takes a fixed seeded subset (nested in n)."""
-        from soupkit.zoo.realdata import dataset_loader  # noqa: PLC0415
-
         data = _data(self.spec, self._keeps_text)
         order = np.random.default_rng(self.spec.seed).permutation(len(data.heldout))
         order = order[: heldout_size or len(order)]
@@ -215,10 +215,10 @@ class ExternalZoo(BaseZoo):
         learn, select = order[: len(order) - n_select], order[len(order) - n_select:]
         w = self.spec.workers
         return {
-            "learn": dataset_loader(Subset(data.heldout, learn.tolist()), batch_size, shuffle=True, seed=seed, num_workers=w),
-            "select": dataset_loader(Subset(data.heldout, select.tolist()), eval_batch_size, num_workers=w) if n_select else None,
-            "heldout": dataset_loader(Subset(data.heldout, order.tolist()), eval_batch_size, num_workers=w),
-            "test": dataset_loader(data.test, eval_batch_size, num_workers=w),
+            "learn": make_loader(Subset(data.heldout, learn.tolist()), batch_size, shuffle=True, seed=seed, num_workers=w),
+            "select": make_loader(Subset(data.heldout, select.tolist()), eval_batch_size, num_workers=w) if n_select else None,
+            "heldout": make_loader(Subset(data.heldout, order.tolist()), eval_batch_size, num_workers=w),
+            "test": make_loader(data.test, eval_batch_size, num_workers=w),
         }
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from soupkit.engine.batches import make_loader
 from soupkit.engine.schedule import warmup_cosine
 from soupkit.errors import SweepError
 from soupkit.io import atomic_write_json, atomic_write_text, sha256_file
@@ -35,7 +36,7 @@ from soupkit.methods.result import evaluate
 from soupkit.pool.formats import load_state_dict, save_state_dict
 from soupkit.runtime._compat import import_open_clip
 from soupkit.zoo.clip import SoupClassifier, classifier_from_clip, create_clip, load_weights, preprocess_config
-from soupkit.zoo.realdata import DataSplits, clip_transform, dataset_loader, dataset_splits
+from soupkit.zoo.realdata import DataSplits, clip_transform, dataset_splits
 
 __all__ = ["SweepConfig", "sample_hparams", "run_sweep", "main"]
 
@@ -156,7 +157,7 @@ def _write_results(out: Path, records: dict[int, dict]) -> None:
 
 def _train_one(model: SoupClassifier, data: DataSplits, hp: dict[str, Any], config: SweepConfig,
                device: torch.device, index: int) -> int:
-    loader = dataset_loader(data.train, config.batch_size, shuffle=True, seed=hp["data_seed"],
+    loader = make_loader(data.train, config.batch_size, shuffle=True, seed=hp["data_seed"],
                          num_workers=config.num_workers, pin_memory=device.type == "cuda")
     total = config.epochs * len(loader)
     if config.max_steps is not None:
@@ -214,8 +215,8 @@ def run_sweep(config: SweepConfig) -> list[dict]:
     else:
         save_state_dict(model.state_dict(), init_path, metadata={"arch": config.arch})
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    heldout = dataset_loader(data.heldout, config.batch_size, num_workers=config.num_workers)
-    test = dataset_loader(data.test, config.batch_size, num_workers=config.num_workers) if config.eval_test else None
+    heldout = make_loader(data.heldout, config.batch_size, num_workers=config.num_workers)
+    test = make_loader(data.test, config.batch_size, num_workers=config.num_workers) if config.eval_test else None
 
     for index in todo:
         hp = sample_hparams(index, config)

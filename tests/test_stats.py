@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from soupkit.experiments import stats
 from soupkit.experiments.stats import (VERDICTS, Interval, bootstrap_accuracy, format_interval, paired_difference,
                                        seed_interval, verdict, wilson_interval)
 
@@ -124,3 +125,22 @@ def test_seeds_needed_hand_cases() -> None:
     assert seeds_needed(1.0, 2.4) == 4  # t(3) = 3.182446 / 2 = 1.591
     assert seeds_needed(0.0, 0.1) == 2
     assert seeds_needed(10.0, 0.01, max_seeds=50) is None
+
+
+def test_mean_over_sets_hand_cases() -> None:
+    # two constant sets: the average of their accuracies, 0.5, with no width (every resample is the same)
+    iv = stats.mean_over_sets([np.ones(10), np.zeros(30)])
+    assert (iv.estimate, iv.low, iv.high) == (0.5, 0.5, 0.5)
+    # unweighted by size: 1 of 4 right and 3 of 3 right average to (0.25 + 1) / 2
+    assert stats.mean_over_sets([[1, 0, 0, 0], [1, 1, 1]]).estimate == 0.625
+    # one set is the plain bootstrap (same seed, same resamples)
+    x = np.array([1, 0, 1, 1, 0, 1, 1, 1], dtype=bool)
+    assert stats.mean_over_sets([x], seed=3) == stats.bootstrap_accuracy(x, seed=3)
+    # averaging two independent sets narrows the interval of one of them
+    rng = np.random.default_rng(0)
+    a, b = rng.random(400) < 0.7, rng.random(400) < 0.7
+    assert stats.mean_over_sets([a, b]).half_width < stats.bootstrap_accuracy(a).half_width
+    with pytest.raises(ValueError):
+        stats.mean_over_sets([])
+    with pytest.raises(ValueError):
+        stats.mean_over_sets([np.ones(3), np.ones((2, 2))])

@@ -23,7 +23,7 @@ from soupkit.io import atomic_write
 from soupkit.methods.registry import DISPLAY, METHODS
 
 __all__ = ["OTHER_COLOUR", "family_colours", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
-           "method_style", "family_handles", "mark_broken_axis", "device_title", "save_figure", "plot_main_table",
+           "method_style", "family_handles", "mark_broken_axis", "device_title", "save_figure", "plot_main_table", "plot_shifts",
            "plot_zoo_accuracies"]
 
 OTHER_COLOUR = "tab:gray"  # a name that is not a registered method
@@ -321,6 +321,55 @@ def plot_main_table(table: pd.DataFrame, title: str, reference: str = "uniform",
         handles.append(Patch(**DID_NOT_FIT_STYLE, label=DID_NOT_FIT))
     if caps:
         handles.append(Line2D([], [], color="0.2", ls="--", lw=0.9, label="memory cap"))
+    legend_below(fig, handles)
+    return fig
+
+
+_SHIFT_MARKERS = ("o", "s", "^", "v", "D", "P", "X")
+
+
+def plot_shifts(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Two panels from :func:`soupkit.experiments.results.shift_table`: (left) each method's average accuracy over
+    the distribution shifts against its in-distribution test accuracy, both with their 95 % intervals over images
+    (model-soups' figure of effective robustness); (right) each shift's accuracy per method with its interval,
+    one marker per shift."""
+    table = table.reset_index(drop=True)
+    methods = table["method"].astype(str)
+    shifts = [c[: -len(" acc (%)")] for c in table.columns
+              if c.endswith(" acc (%)") and c != "test acc (%)" and not c.startswith("shift avg")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.32 * len(table) + 3.2),
+                                      gridspec_kw={"width_ratios": [1, 1.15]})
+    x, xlo, xhi = (_numeric(table, c) for c in ("test acc (%)", "test low (%)", "test high (%)"))
+    y, ylo, yhi = (_numeric(table, c) for c in ("shift avg (%)", "shift avg low (%)", "shift avg high (%)"))
+    for m, a, alo, ahi, b, blo, bhi in zip(methods, x, xlo, xhi, y, ylo, yhi):
+        if pd.isna(a) or pd.isna(b):
+            continue
+        style = method_style(m)
+        left.errorbar([a], [b], xerr=[[a - alo], [ahi - a]] if pd.notna(alo) else None,
+                      yerr=[[b - blo], [bhi - b]] if pd.notna(blo) else None, fmt=style["marker"],
+                      color=style["color"], ecolor=style["color"], elinewidth=1.5, capsize=2, ms=6, zorder=3)
+    left.set_xlabel("in-distribution test accuracy (%)")
+    left.set_ylabel(f"average accuracy over {len(shifts)} shifts (%)")
+    left.grid(alpha=0.3)
+    left.set_title("95 % intervals over images", fontsize=9)
+    rows = np.arange(len(table))
+    offsets = np.linspace(-0.25, 0.25, max(len(shifts), 1))
+    for j, (name, dy) in enumerate(zip(shifts, offsets)):
+        acc, lo, hi = (_numeric(table, f"{name} {c} (%)") for c in ("acc", "low", "high"))
+        for r, m, a, alo, ahi in zip(rows, methods, acc, lo, hi):
+            if pd.notna(a):
+                right.errorbar([a], [r + dy], xerr=[[a - alo], [ahi - a]] if pd.notna(alo) else None,
+                               fmt=_SHIFT_MARKERS[j % len(_SHIFT_MARKERS)], color=method_colour(m), ms=4,
+                               elinewidth=1, capsize=1.5, zorder=3)
+    right.set_yticks(rows, [DISPLAY.get(m) or m for m in methods])
+    right.set_ylim(len(rows) - 0.5, -0.5)
+    right.grid(axis="x", alpha=0.3)
+    right.set_xlabel("accuracy on each shift (%), 95 % interval over its images")
+    fig.suptitle(device_title(title))
+    fig.tight_layout()
+    handles: list[Any] = family_handles(methods[x.notna().to_numpy()])
+    handles += [Line2D([], [], color="black", marker=_SHIFT_MARKERS[j % len(_SHIFT_MARKERS)], ls="none", label=name)
+                for j, name in enumerate(shifts)]
     legend_below(fig, handles)
     return fig
 

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,13 +22,13 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from soupkit.experiments.stats import Interval, bootstrap_accuracy, wilson_interval
+from soupkit.experiments.stats import Interval, bootstrap_accuracy, mean_over_sets, wilson_interval
 from soupkit.io import atomic_write_text
 from soupkit.methods.registry import DISPLAY, METHODS, table_order
 
 __all__ = ["PAPER_DIR", "write_csv", "read_csv", "append_jsonl", "read_jsonl",
            "paper_table", "record_test_interval", "with_test_intervals", "with_wilson_intervals", "main_table",
-           "ratio", "format_table"]
+           "shift_names", "shift_table", "ratio", "format_table"]
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # package data: the paper's tables as CSV
 _PAPER_NOTES = {"cpu": "memory in CPU RAM", ">256": "did not fit (> 256 GB)"}
@@ -216,7 +217,65 @@ def main_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame, paper: pd.Da
             p["paper note"] = p["paper note"].map(_PAPER_NOTES.get).fillna("")
             keep.append("paper note")
         table = table.merge(p[keep], on="method", how="left")
+    shifts = shift_table(ours, record_dir)
+    if shifts is not None:  # the zoo's distribution shifts: their average beside the in-distribution accuracy
+        table = table.merge(shifts[["method", "shift avg (%)", "shift avg low (%)", "shift avg high (%)"]],
+                            on="method", how="left")
     return _ordered(table)
+
+
+_SHIFT_KEY = re.compile(r"^shift_(.+)_accuracy$")
+
+
+def shift_names(records: pd.DataFrame) -> list[str]:
+    """The shifts the records were evaluated on (``shift_<name>_accuracy`` columns, in column order)."""
+    return [m.group(1) for m in map(_SHIFT_KEY.match, map(str, records.columns)) if m]
+
+
+def shift_table(records: Iterable[Mapping[str, Any]] | pd.DataFrame,
+                record_dir: str | os.PathLike | None = None, level: float = 0.95) -> pd.DataFrame | None:
+    """Accuracy on each distribution shift and their average beside the in-distribution test accuracy, each with
+    its 95 % percentile-bootstrap interval over the images (``test low/high (%)``, ``<shift> low/high (%)``;
+    the average: :func:`soupkit.experiments.stats.mean_over_sets`, each shift's images resampled on their own).
+
+    Args:
+        records: run records with ``shift_<name>_accuracy`` fields (``RunSpec(shifts=True)``) and, to locate the
+            per-image predictions, ``record_path`` or ``record_dir`` as for :func:`main_table`.
+    Returns:
+        one row per method (accuracies in %, NaN for runs with no accuracy or no predictions), or None when no
+        record was evaluated on shifts.
+    """
+    from soupkit.experiments.run import predictions_path, read_correct  # noqa: PLC0415  (experiment imports torch)
+
+    ours = with_test_intervals(records, record_dir, level)
+    names = shift_names(ours)
+    if not names:
+        return None
+    rows = []
+    for _, row in ours.iterrows():
+        row = row.to_dict()
+        out: dict[str, Any] = {"method": row["method"], "Method": DISPLAY.get(row["method"], row["method"]),
+                               "test acc (%)": float("nan") if _missing(row.get("test_accuracy"))
+                               else 100 * float(row["test_accuracy"]),
+                               "test low (%)": 100 * row["test_low"], "test high (%)": 100 * row["test_high"]}
+        path = _record_path(row, record_dir)
+        sets = []
+        for name in names:
+            acc = row.get(f"shift_{name}_accuracy")
+            have = (path is not None and not _missing(acc)
+                    and predictions_path(path, f"shift-{name}").is_file())
+            correct = read_correct(path, f"shift-{name}") if have else None
+            iv = bootstrap_accuracy(correct, level=level) if correct is not None else None
+            out[f"{name} acc (%)"] = 100 * float(acc) if not _missing(acc) else float("nan")
+            out[f"{name} low (%)"] = 100 * iv.low if iv else float("nan")
+            out[f"{name} high (%)"] = 100 * iv.high if iv else float("nan")
+            sets.append(correct)
+        avg = mean_over_sets(sets, level=level) if all(c is not None for c in sets) else None
+        out["shift avg (%)"] = 100 * avg.estimate if avg else float("nan")
+        out["shift avg low (%)"] = 100 * avg.low if avg else float("nan")
+        out["shift avg high (%)"] = 100 * avg.high if avg else float("nan")
+        rows.append(out)
+    return _ordered(pd.DataFrame(rows))
 
 
 def ratio(records: pd.DataFrame, column: str, numerator: str = "learned+", denominator: str = "mehl+") -> float:

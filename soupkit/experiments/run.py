@@ -33,6 +33,7 @@ from soupkit.pool.diagnostics import diagnose, duplicate_records, record_name
 from soupkit.runtime.numerics import numerics_info
 from soupkit.runtime.progress import ENV as PROGRESS_ENV, report
 from soupkit.zoo.base import BaseZoo
+from soupkit.zoo.shifts import shift_predict
 from soupkit.zoo.sources import open_zoo
 
 __all__ = ["RunSpec", "NO_PRETRAINED", "main_table_options", "predictions_path", "write_predictions",
@@ -57,6 +58,9 @@ class RunSpec:
             run stopped by a non-finite loss) with no accuracy, as
             the paper reports ">256GB". None: no cap. On CPU this needs the run on the main thread.
         device: where the soup is built and evaluated (``"cpu"``, ``"cuda"``).
+        shifts: also evaluate the soup on each of the zoo's distribution-shift test sets (``zoo.shift_names()``):
+            the record gains ``shift_<name>_accuracy`` / ``shift_<name>_images`` and per-image predictions
+            ``<record>.shift-<name>.predictions.csv``.
     """
 
     zoo_dir: str
@@ -72,6 +76,7 @@ class RunSpec:
     options: dict[str, Any] = field(default_factory=dict)
     memory_cap_mb: float | None = None
     device: str = "cpu"
+    shifts: bool = False
 
 
 # the record status of a method that needs the pretrained model θ_0 on a zoo without one (no accuracy)
@@ -167,24 +172,27 @@ def zoo_regime(zoo: BaseZoo, uniform_test_accuracy: float) -> pd.Series:
     return pd.Series(rows, name="test accuracy (%)").mul(100).round(2)
 
 
-def predictions_path(record: str | os.PathLike) -> Path:
-    """Where the per-image test predictions of the run whose record is ``record`` (``x.json``) live:
-    ``x.predictions.csv``."""
+def predictions_path(record: str | os.PathLike, split: str = "test") -> Path:
+    """Where the per-image predictions of the run whose record is ``record`` (``x.json``) live: on the test
+    split ``x.predictions.csv``, on shift ``s`` (``split="shift-s"``) ``x.shift-s.predictions.csv``."""
     record = Path(record)
-    return record.with_name(f"{record.stem}.predictions.csv")
+    return record.with_name(f"{record.stem}.predictions.csv" if split == "test" else
+                            f"{record.stem}.{split}.predictions.csv")
 
 
-def write_predictions(record: str | os.PathLike, labels: torch.Tensor, predicted: torch.Tensor) -> Path:
-    """Write ``labels [N]`` and ``predicted [N]`` (test-set order) beside ``record``, atomically."""
+def write_predictions(record: str | os.PathLike, labels: torch.Tensor, predicted: torch.Tensor,
+                      split: str = "test") -> Path:
+    """Write ``labels [N]`` and ``predicted [N]`` (the split's fixed order) beside ``record``, atomically."""
     lines = ["label,prediction"] + [f"{int(y)},{int(p)}" for y, p in zip(labels.tolist(), predicted.tolist())]
-    return atomic_write_text(predictions_path(record), "\n".join(lines) + "\n")
+    return atomic_write_text(predictions_path(record, split), "\n".join(lines) + "\n")
 
 
-def read_correct(record: str | os.PathLike) -> "np.ndarray":
-    """``[N]`` bool: which test images the run of ``record`` classified correctly (from its predictions file)."""
+def read_correct(record: str | os.PathLike, split: str = "test") -> "np.ndarray":
+    """``[N]`` bool: which images of ``split`` (``"test"`` or ``"shift-<name>"``) the run of ``record``
+    classified correctly (from its predictions file)."""
     import numpy as np  # noqa: PLC0415
 
-    path = predictions_path(record)
+    path = predictions_path(record, split)
     if not path.is_file():
         raise MissingInputError(f"no per-image predictions {path} for record {record}: rerun the method")
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
@@ -265,12 +273,26 @@ def _run_on(spec: RunSpec, zoo: Any, loaders: dict[str, Any], progress: bool) ->
         **{k: v for k, v in result.stats.items() if not isinstance(v, (list, dict))},
         **numerics_info(),
     }
+    if spec.shifts:
+        record.update(_shift_results(spec, zoo, model, result))
     if "chosen" in result.stats:
         record["chosen"] = [indices[i] for i in result.stats["chosen"]]
     if spec.save_dir:
         result.save(spec.save_dir)
     atomic_write_json(spec.record, record)
     return record
+
+
+def _shift_results(spec: RunSpec, zoo: BaseZoo, model: torch.nn.Module, result: Any) -> dict[str, Any]:
+    """Accuracy of ``result`` on each of the zoo's shifts (record fields); writes each shift's predictions."""
+    out: dict[str, Any] = {}
+    for name in zoo.shift_names():
+        logits, labels = soup_logits(model, result, zoo.shift_loader(name, spec.eval_batch_size), spec.device)
+        predicted = shift_predict(logits, zoo.shift_info(name))
+        write_predictions(spec.record, labels, predicted, split=f"shift-{name}")
+        out[f"shift_{name}_accuracy"] = int((predicted == labels.to(predicted.device)).sum()) / max(len(labels), 1)
+        out[f"shift_{name}_images"] = len(labels)
+    return out
 
 
 def run_isolated(spec: RunSpec, timeout: float | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_accuracy", "paired_difference", "seed_interval", "seeds_needed",
+__all__ = ["Interval", "bootstrap_accuracy", "paired_difference", "mean_over_sets", "seed_interval", "seeds_needed",
            "wilson_interval", "verdict", "VERDICTS", "NO_VERDICT", "format_interval"]
 
 VERDICTS = ("reproduces", "contradicted", "cannot tell at this scale")
@@ -97,6 +97,27 @@ def paired_difference(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequenc
         raise ValueError(f"paired comparison needs the same test images: {a.size} vs {b.size} predictions")
     diff = a - b
     return _percentile(diff.mean(), _bootstrap_means(diff, n_boot, seed), level)
+
+
+def mean_over_sets(values: Sequence[Sequence[float] | np.ndarray], level: float = 0.95, n_boot: int = 2000,
+                   seed: int = 0) -> Interval:
+    """Unweighted mean over test sets of each set's mean (e.g. the average accuracy over distribution shifts, as
+    model-soups reports it), with a stratified percentile-bootstrap interval: each set's images are resampled on
+    their own (set j with seed ``seed + j``) and the resampled set means averaged.
+
+    Args:
+        values: one ``[N_j]`` array per test set: per-image correctness (an accuracy) or per-image differences of
+            correctness of two methods on the same images (a paired difference); sets may differ in size.
+    Returns:
+        fractions; one set gives :func:`bootstrap_accuracy`'s interval (:func:`paired_difference`'s for
+        differences).
+    """
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    if not arrays or any(a.ndim != 1 or a.size == 0 for a in arrays):
+        raise ValueError("mean_over_sets needs at least one set, each a non-empty 1-D array")
+    estimate = float(np.mean([a.mean() for a in arrays]))
+    boots = np.mean([_bootstrap_means(a, n_boot, seed + j) for j, a in enumerate(arrays)], axis=0)
+    return _percentile(estimate, boots, level)
 
 
 def seed_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Interval:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image  # Pillow comes with the paper extra (torchvision); the core install has no PIL
 
 __all__ = ["PAPER_SHIFTS", "SHIFT_FOLDERS", "OBJECTNET_BORDER", "OBJECTNET_MAPPING_FILES", "ShiftInfo",
-           "shift_correct", "paper_shift_average", "ShiftDataset", "imagenet_wnids", "available_shifts",
+           "shift_predict", "shift_correct", "paper_shift_average", "ShiftDataset", "imagenet_wnids", "available_shifts",
            "read_imagenet_v2", "read_imagenet_r", "read_imagenet_a", "read_imagenet_sketch", "read_objectnet",
            "read_shift"]
 
@@ -91,24 +91,32 @@ class ShiftInfo:
         return self.num_outputs if self.groups is None else len(self.groups)
 
 
-def shift_correct(logits: Tensor, labels: Tensor, info: ShiftInfo) -> Tensor:
-    """Per-image correctness on a shift: logits ``[N, num_outputs]``, labels ``[N]`` (the shift's classes) ->
-    bool ``[N]``. A shift class's score is the largest logit of its group (a one-class group: that logit, i.e. the
-    logits restricted to the subset), the prediction the arg-max over shift classes, first on ties."""
+def shift_predict(logits: Tensor, info: ShiftInfo) -> Tensor:
+    """Predicted shift classes ``[N]`` (int64, in ``0..info.num_classes - 1``) from logits ``[N, num_outputs]``.
+
+    A shift class's score is the largest logit of its group (a one-class group: that logit, i.e. the logits
+    restricted to the subset), the prediction the arg-max over shift classes, first on ties."""
     if logits.ndim != 2 or logits.shape[1] != info.num_outputs:
         raise DataError(f"shift {info.name!r}: logits of shape {tuple(logits.shape)}, expected [N, {info.num_outputs}]")
-    labels = torch.as_tensor(labels).reshape(-1).to(logits.device)
-    if len(labels) != len(logits):
-        raise DataError(f"shift {info.name!r}: {len(logits)} rows of logits but {len(labels)} labels")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
-        raise DataError(f"shift {info.name!r}: labels outside 0..{info.num_classes - 1}")
     if info.groups is None:
         scores = logits
     elif all(len(g) == 1 for g in info.groups):  # a class subset (ImageNet-R/-A): keep those columns
         scores = logits[:, [g[0] for g in info.groups]]
     else:  # ObjectNet: max-pool each group's logits
         scores = torch.stack([logits[:, list(g)].amax(dim=1) for g in info.groups], dim=1)
-    return scores.argmax(dim=1) == labels
+    return scores.argmax(dim=1)
+
+
+def shift_correct(logits: Tensor, labels: Tensor, info: ShiftInfo) -> Tensor:
+    """Per-image correctness on a shift: logits ``[N, num_outputs]``, labels ``[N]`` (the shift's classes) ->
+    bool ``[N]`` (the prediction of :func:`shift_predict`)."""
+    predicted = shift_predict(logits, info)
+    labels = torch.as_tensor(labels).reshape(-1).to(logits.device)
+    if len(labels) != len(logits):
+        raise DataError(f"shift {info.name!r}: {len(logits)} rows of logits but {len(labels)} labels")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+        raise DataError(f"shift {info.name!r}: labels outside 0..{info.num_classes - 1}")
+    return predicted == labels
 
 
 def paper_shift_average(accuracies: Mapping[str, float]) -> float:

@@ -10,7 +10,8 @@ from typing import NoReturn
 
 __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
            "ParameterError", "MissingInputError", "CheckpointLayoutError", "ZooMismatchError", "DownloadError",
-           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError", "OptionError", "UnknownOptionError"]
+           "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError", "OptionError", "UnknownOptionError",
+           "WarmStartError"]
 
 
 class SoupkitError(Exception):
@@ -31,6 +32,11 @@ class DivergenceError(SoupkitError, RuntimeError):
 
 class ResumeError(SoupkitError, ValueError):
     """A run directory belongs to another run (configuration, pool or data) or is in use by another process."""
+
+
+class WarmStartError(SoupkitError, ValueError):
+    """A previous result cannot be grown with ``warm_start``: it is not a finished HL/MEHL result, or the pool does
+    not begin with its models (same files, same order), or its layers differ: the message says which."""
 
 
 class SharedBasinWarning(UserWarning):

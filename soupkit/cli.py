@@ -40,7 +40,7 @@ __all__ = ["main", "entry", "parse_option", "expand_pool"]
 
 _NUM_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
 _NOT_OPTIONS = {"select_loader": "--select-fraction", "device": "--device", "parallel": "--parallel",
-                "progress": "--no-progress", "seed": "--seed"}
+                "progress": "--no-progress", "seed": "--seed", "warm_start": "--extend"}
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                    help="a SoupConfig option (repeatable), e.g. model_batch_size=18 clip_grad_norm=1")
+    p.add_argument("--extend", metavar="RUN_DIR", help="mehl/mehl+/mehl+released: grow this finished result (its "
+                   "run_dir, or the --out of an earlier run) with the models the pool lists after its own; "
+                   "passes over the new models: --option extend_passes=N")
     p.add_argument("--no-eval", action="store_true", help="skip the test accuracy")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -153,6 +156,12 @@ def _options(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, 
     for key, flag in _NOT_OPTIONS.items():
         if key in options:
             p.error(f"--option {key}=...: use {flag}")
+    if args.extend is not None:
+        if not METHODS[args.method].extendable:
+            p.error(f"--extend grows a MEHL-Soup(+) result: use mehl, mehl+ or mehl+released, not {args.method}")
+        if not Path(args.extend).is_dir():
+            p.error(f"--extend {args.extend}: no such folder (a run_dir or the --out folder of an earlier run)")
+        options["warm_start"] = args.extend
     try:
         config_for(args.method, **options)  # unknown or invalid options fail now, not after loading
     except (TypeError, ValueError) as err:

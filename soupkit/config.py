@@ -109,6 +109,8 @@ class Algorithm:
         logit_scale: Learned-Soup also learns a scalar multiplying the logits (as model-soups does; default
             True for Learned-Soup(+), unused by the others).
         layer_grouping: which parameter tensors share a coefficient in the "+" methods (see ``layers.py``).
+        extend_passes: with ``warm_start`` (MEHL), how many passes over the new models the first blocks make
+            (None: 1); see ``soupkit.methods.warm_start``.
         ties: greedy soup's rule for a candidate with held-out accuracy equal to the soup's:
             ``"reject"`` (default, model-soups: strict improvement) or ``"accept"``. (The ORDER in which
             greedy tries the models is model-soups' and not an option: by held-out accuracy, highest first,
@@ -133,6 +135,7 @@ class Algorithm:
     layer_grouping: Grouping = None
     ties: str = "reject"
     scale_grid: Optional[tuple[float, ...]] = None
+    extend_passes: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.scale_grid is not None:
@@ -145,7 +148,8 @@ class Algorithm:
             raise OptionError(f"warmup is a fraction in [0, 1), got {self.warmup}")
         if self.ties not in ("reject", "accept"):
             raise OptionError(f"ties must be 'reject' or 'accept', got {self.ties!r}")
-        _at_least_one(self, ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size"))
+        _at_least_one(self, ("inner_iterations", "outer_iterations", "model_batch_size", "batch_size",
+                             "extend_passes"))
         if self.epochs <= 0:
             raise OptionError(f"epochs must be > 0, got {self.epochs}")
 
@@ -245,6 +249,9 @@ class Run:
             run again with the same arguments, they resume (see ``soupkit/methods/run_dir.py``). None: no checkpoints.
         check_basin: learned soups warn (``SharedBasinWarning``) when the models do not look like fine-tunes
             of one pretrained model (``checks.check_shared_basin``; free after the centre pass).
+        warm_start: MEHL-Soup(+) only: grow a finished result with new checkpoints -- a ``SoupResult`` of
+            HL/MEHL, the folder one was saved to, or the ``run_dir`` of a finished run; the pool must begin with
+            that result's models (same files, same order). See ``soupkit/methods/warm_start.py``. None: a fresh run.
     """
 
     progress: bool = True
@@ -253,6 +260,7 @@ class Run:
     eval_every: int = 50
     run_dir: Optional[Union[str, os.PathLike]] = None
     check_basin: bool = True
+    warm_start: Any = None
 
     def __post_init__(self) -> None:
         _at_least_one(self, ("eval_every",))

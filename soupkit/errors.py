@@ -11,7 +11,8 @@ from typing import NoReturn
 __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "ResumeError", "SharedBasinWarning",
            "DuplicateCheckpointWarning", "ParameterError", "MissingInputError", "CheckpointLayoutError",
            "ZooMismatchError", "DownloadError", "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError",
-           "OptionError", "UnknownOptionError", "MissingPretrainedError"]
+           "OptionError", "UnknownOptionError", "MissingPretrainedError",
+           "WarmStartError"]
 
 
 class SoupkitError(Exception):
@@ -37,6 +38,11 @@ class DivergenceError(SoupkitError, RuntimeError):
 
 class ResumeError(SoupkitError, ValueError):
     """A run directory belongs to another run (configuration, pool or data) or is in use by another process."""
+
+
+class WarmStartError(SoupkitError, ValueError):
+    """A previous result cannot be grown with ``warm_start``: it is not a finished HL/MEHL result, or the pool does
+    not begin with its models (same files, same order), or its layers differ: the message says which."""
 
 
 class SharedBasinWarning(UserWarning):

@@ -24,6 +24,7 @@ FLAT_DEFAULTS = {
     "direction_dtype": None, "autocast": None, "sync_every": 25, "ties": "reject", "select_loader": None,
     "eval_every": 50, "run_dir": None, "check_basin": True, "parallel": None, "memory_cap_mb": None,
     "scale_grid": None,  # added with task arithmetic (None: that method's own grid)
+    "extend_passes": None, "warm_start": None,  # added later (warm starts), so their defaults are 'off'
 }
 
 # a value other than the default for every option (recenter=True would need decentralize: it is tried below)
@@ -35,7 +36,7 @@ OTHER_VALUES = {
     "device": "cuda:1", "dtype": torch.float64, "prefetch": True, "direction_dtype": torch.bfloat16,
     "autocast": "bf16", "sync_every": 2, "parallel": "data", "memory_cap_mb": 100.0,
     "progress": False, "seed": 3, "select_loader": [(torch.zeros(1), torch.zeros(1))], "eval_every": 9,
-    "run_dir": "runs/x", "check_basin": False,
+    "run_dir": "runs/x", "check_basin": False, "extend_passes": 2, "warm_start": "runs/previous",
 }
 
 
@@ -58,7 +59,7 @@ def test_every_option_has_exactly_one_group_and_round_trips():
     homes = _group_of()
     assert {name: groups for name, groups in homes.items() if len(groups) != 1} == {}
     assert sorted(SoupConfig.option_names()) == sorted(homes) == sorted(FLAT_DEFAULTS) == sorted(OTHER_VALUES)
-    assert len(SoupConfig.option_names()) == len(set(SoupConfig.option_names())) == 31
+    assert len(SoupConfig.option_names()) == len(set(SoupConfig.option_names())) == 33
     assert SoupConfig().options() == FLAT_DEFAULTS  # same names, same defaults
     assert SoupConfig.from_options() == SoupConfig()
     cfg = SoupConfig.from_options(**OTHER_VALUES)
@@ -105,6 +106,7 @@ BAD_VALUES = [  # (group, options, what the message says)
     (Algorithm, {"model_batch_size": 0}, "model_batch_size must be >= 1"),
     (Algorithm, {"batch_size": 0}, "batch_size must be >= 1"),
     (Algorithm, {"scale_grid": ()}, "scale_grid must hold at least one finite number"),
+    (Algorithm, {"extend_passes": 0}, "extend_passes must be >= 1"),
     (Variant, {"recenter": True, "decentralize": False}, "cannot be combined with decentralize=False"),
     (Systems, {"direction_dtype": "nope"}, "is not a torch dtype"),
     (Systems, {"direction_dtype": torch.int8}, "must be a floating torch dtype"),

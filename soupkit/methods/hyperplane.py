@@ -6,7 +6,9 @@ The outer loop is one function (:func:`_hyperplane_blocks`); its variants are a 
 (:func:`centre_policy`): :class:`FixedCentre` (the paper's; ``decentralize=False`` for Appendix D) or
 :class:`RecentredSoup` (the released code's ``recenter``), each with or without ``normalize_directions``. With
 ``cfg.systems.parallel`` it runs on every rank of a process group (``soupkit.runtime.distributed``): data parallel,
-or model parallel (a block's models split over the ranks).
+or model parallel (a block's models split over the ranks). With ``cfg.run.warm_start`` the same loop grows a
+finished result: it starts from that result's soup and coefficients (``warm_var``; the maths in
+``soupkit/methods/warm_start.py``) and visits the blocks of :func:`_extension_schedule` first.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from soupkit.config import SoupConfig
 from soupkit.engine.batches import BatchStream
 from soupkit.engine.layers import LayerMap, layer_map
 from soupkit.engine.loop import HyperplaneSpace, optimise
-from soupkit.errors import DivergenceError
+from soupkit.errors import DivergenceError, WarmStartError
 from soupkit.methods.learned import progress_bar
 from soupkit.methods.result import SoupResult
 from soupkit.methods.run_dir import RunDir, RunState, describe_run
+from soupkit.methods.warm_start import Previous, SoupCheck, check_models, pool_models, read_previous, start_weights
 from soupkit.pool.basin import check_shared_basin
 from soupkit.pool.checkpoint_pool import CheckpointPool
 from soupkit.runtime.distributed import Communicator, communicator, on_main
@@ -77,6 +80,11 @@ class FixedCentre(_Directions):
     def initial_var(self, weights: Tensor) -> Tensor:
         return torch.zeros_like(weights) if self.decentralize else weights.clone()
 
+    def warm_var(self, weights: Tensor) -> Tensor:
+        """The learned variable at a warm start whose weights on θ_i are ``weights [K, L]``: α = the weights
+        (they sum to 1, so θ̄ + Σ α_i (θ_i − θ̄) = Σ_i w_i θ_i for any centre θ̄); β = the weights."""
+        return weights.clone()
+
     def origin(self, centre: StateDict, soup: StateDict) -> StateDict | None:
         """What a block's directions subtract as they are read (θ̄; None: the models themselves)."""
         return centre if self.decentralize else None
@@ -123,6 +131,10 @@ class RecentredSoup(_Directions):
     def initial_var(self, weights: Tensor) -> Tensor:
         return torch.zeros_like(weights)
 
+    def warm_var(self, weights: Tensor) -> Tensor:
+        """Nothing to convert: the directions start from the soup, each block's α from 0."""
+        return torch.zeros_like(weights)
+
     def origin(self, centre: StateDict, soup: StateDict) -> StateDict | None:
         """θ_i − soup: the soup as it is when the block's turn comes."""
         return soup
@@ -165,6 +177,31 @@ def _block_schedule(k: int, b: int, outer: int, blockwise: bool, seed: int) -> l
     return blocks[:outer]
 
 
+def _extension_schedule(k_old: int, k: int, b: int, passes: int, outer: int | None, seed: int) -> list[list[int]]:
+    """Blocks of a warm start: ``passes`` passes over the new models K_old..K−1, then :func:`_block_schedule`.
+
+    Each pass is a seeded permutation of the new models cut into ceil(K_new/b) pieces of b (the last smaller), as
+    a fresh run cuts its permutation of all K; a piece short of b is filled with models drawn by a seeded
+    permutation of the old ones (then of the other new ones, if K_old is smaller than the gap), so every block
+    holds b models. ``outer`` (None: the extension blocks alone) truncates, or continues with ordinary passes
+    over all K (seeded with ``seed`` as a fresh run). K_new = 0 and ``outer`` None: no block at all.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    new = list(range(k_old, k))
+    blocks: list[list[int]] = []
+    for _ in range(passes if new else 0):
+        order = [new[j] for j in torch.randperm(len(new), generator=gen).tolist()]
+        for j in range(0, len(order), b):
+            piece = order[j:j + b]
+            if len(piece) < b:
+                fill = torch.randperm(k_old, generator=gen).tolist() + [i for i in order if i not in piece]
+                piece += fill[:b - len(piece)]
+            blocks.append(sorted(piece))
+    if outer is None or outer <= len(blocks):
+        return blocks if outer is None else blocks[:outer]
+    return blocks + _block_schedule(k, b, outer - len(blocks), True, seed)
+
+
 def hyperplane_soup(model, pool, loader, cfg, layerwise: bool, blockwise: bool) -> SoupResult:
     """HL-Soup(+) (one block of all K models) and MEHL-Soup(+) (blocks of b models, block coordinate descent).
 
@@ -173,10 +210,17 @@ def hyperplane_soup(model, pool, loader, cfg, layerwise: bool, blockwise: bool) 
     stays in host memory, where the directions are formed as they are read, so the GPU holds b + 1 models.
     With ``parallel="model"`` a rank holds its b/N directions only. With ``cfg.run.run_dir``
     the state is checkpointed after every block and resumed (in a process group rank 0 reads and writes
-    it and hands the state it resumes from to the other ranks).
+    it and hands the state it resumes from to the other ranks). With ``cfg.run.warm_start`` (MEHL only) it
+    grows that result (``soupkit/methods/warm_start.py``); the run_dir's ``run.json`` names it under ``extends``.
     """
     name = ("mehl" if blockwise else "hl") + ("+" if layerwise else "")
     algo = cfg.algorithm
+    previous = None
+    if cfg.run.warm_start is not None:
+        if not blockwise:
+            raise WarmStartError(f"warm_start grows a MEHL-Soup(+) result by blocks of b models; {name} trains all "
+                                 "K models in one block (use mehl/mehl+ with model_batch_size=K for that)")
+        previous = read_previous(cfg.run.warm_start)
     k = len(pool)
     b = k
     if blockwise:
@@ -184,17 +228,30 @@ def hyperplane_soup(model, pool, loader, cfg, layerwise: bool, blockwise: bool) 
         if b > k:
             warnings.warn(f"model_batch_size={b} > K={k}: using b = K", stacklevel=4)
             b = k
-    outer = algo.outer_iterations or (math.ceil(k / b) if blockwise else 1)
-    blocks = _block_schedule(k, b, outer, blockwise, cfg.run.seed)
+    if previous is None:
+        outer = algo.outer_iterations or (math.ceil(k / b) if blockwise else 1)
+        blocks = _block_schedule(k, b, outer, blockwise, cfg.run.seed)
+    else:
+        blocks = _extension_schedule(min(previous.k, k), k, b, algo.extend_passes or 1, algo.outer_iterations,
+                                     cfg.run.seed)
     layers = layer_map(model, layerwise, algo.layer_grouping)
     comm = communicator(cfg.systems.parallel)
     batches = BatchStream(loader, cfg.systems.device, algo.batch_size,
                           comm.data_shard if comm is not None else None)
     run = None
     if cfg.run.run_dir is not None:  # locks the directory and refuses another run's state, before any reading
-        run = on_main(comm, lambda: RunDir(cfg.run.run_dir, describe_run(name, cfg, pool, layers, batches, blocks)))
+        extends = previous.provenance() if previous is not None else None
+        run = on_main(comm, lambda: RunDir(cfg.run.run_dir, describe_run(name, cfg, pool, layers, batches, blocks,
+                                                                          extends)))
     with run if run is not None else nullcontext():
-        return _hyperplane_blocks(name, model, pool, cfg, layers, batches, blocks, b, run, comm)
+        result = _hyperplane_blocks(name, model, pool, cfg, layers, batches, blocks, b, run, comm, previous)
+    # what a later warm start checks its pool against (known from the first pass: no model is read again)
+    result.stats["pool_models"] = pool_models(pool)
+    if previous is not None:
+        k_new = k - previous.k
+        first = (algo.extend_passes or 1) * math.ceil(k_new / b)
+        result.stats["extends"].update(new_models=k_new, new_model_blocks=min(first, len(blocks)))
+    return result
 
 
 def _restore(run: RunDir | None, pool: CheckpointPool, batches: BatchStream, device: str | torch.device,
@@ -221,10 +278,31 @@ def _restore(run: RunDir | None, pool: CheckpointPool, batches: BatchStream, dev
     return saved
 
 
+def _warm_state(previous: Previous, policy: FixedCentre | RecentredSoup, pool: CheckpointPool, layers: LayerMap,
+                layerwise: bool, cfg: SoupConfig) -> tuple[StateDict, Tensor, Tensor, StateDict, dict]:
+    """The centre pass of a warm start: ``(θ̄ of all K, weights [K, L], var [K, L], soup θ_old, stats)``, with the
+    old models checked (fingerprints, then θ_old = Σ_i w_i θ_i) in the same streamed pass, one model resident."""
+    systems, where = cfg.systems, previous.source or "the warm_start result"
+    weights = start_weights(previous, len(pool), list(layers.names) if layerwise else None,
+                            sum_to_one=not isinstance(policy, FixedCentre) or policy.decentralize)
+    missing = [key for key in layers.forward_keys if key not in previous.soup]
+    if missing:
+        raise WarmStartError(f"{where}: its soup lacks the model's key {missing[0]!r}")
+    soup = {key: (v.to(systems.device, systems.dtype) if v.is_floating_point() else v.to(systems.device)).clone()
+            for key, v in ((key, previous.soup[key]) for key in layers.forward_keys)}
+    check = SoupCheck(weights, layers.group, soup)
+    full = pool.center(systems.device, systems.dtype, each=check)
+    check_models(previous, pool)  # the fingerprints name the model at fault, so they come before the residual
+    residual = check.check(where)
+    del check
+    return full, weights, policy.warm_var(weights), soup, {**previous.provenance(), "soup_residual": residual}
+
+
 def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: SoupConfig, layers: LayerMap,
                        batches: BatchStream, blocks: list[list[int]], b: int, run: RunDir | None,
-                       comm: Communicator | None) -> SoupResult:
-    """The outer loop of :func:`hyperplane_soup`, from the saved state in ``run`` if there is one."""
+                       comm: Communicator | None, previous: Previous | None = None) -> SoupResult:
+    """The outer loop of :func:`hyperplane_soup`, from the saved state in ``run`` if there is one, else from
+    ``previous`` (a warm start) if given, else from the policy's start."""
     systems = cfg.systems
     k, n_layers, layerwise = len(pool), len(layers), name.endswith("+")
     split = comm is not None and comm.mode == "model"  # this rank holds rows comm.rows(b) of each block
@@ -233,20 +311,26 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
     policy = centre_policy(cfg)
 
     # one streamed pass before any training: the centre, and (in the pool) the NaN/Inf check and the norms of
-    # every model, which the basin check and the resume check reuse
-    full = pool.center(systems.device, systems.dtype) if cfg.run.check_basin or policy.needs_mean_of_all else None
+    # every model, which the basin check and the resume check reuse; a warm start checks the old models in it
+    extends = None
+    if previous is not None:
+        full, weights, var, soup, extends = _warm_state(previous, policy, pool, layers, layerwise, cfg)
+    else:
+        full = pool.center(systems.device, systems.dtype) if cfg.run.check_basin or policy.needs_mean_of_all else None
     pool.check_values(systems.device, systems.dtype)  # a no-op after that pass; recenter without it reads block 0 only
     basin = check_shared_basin(pool, full).mean_cosine if cfg.run.check_basin else None
-    centre = policy.centre(pool, blocks, full, cfg)
+    if previous is None:
+        centre = policy.centre(pool, blocks, full, cfg)
+        # weights[i, l] on θ_i of the soup; var = the learned α (β without decentralisation) the blocks start from
+        weights = policy.initial_weights(k, n_layers, blocks)
+        centre = {key: centre[key] for key in layers.forward_keys}  # aliases of tied tensors are re-added at the end
+        soup = policy.initial_soup(centre)
+        var = policy.initial_var(weights)
+    else:  # re-centred directions never read θ̄: the soup stands in for it
+        centre = {key: full[key] for key in layers.forward_keys} if policy.needs_mean_of_all else soup
     del full
-
-    # weights[i, l] on θ_i of the soup; var = the learned α (β without decentralisation) the blocks start from
-    weights = policy.initial_weights(k, n_layers, blocks)
-    centre = {key: centre[key] for key in layers.forward_keys}  # aliases of tied tensors are re-added at the end
-    soup = policy.initial_soup(centre)
     if soup is not centre and torch.device(systems.device).type != "cpu":
         centre = {key: v.cpu() for key, v in centre.items()}  # only load_stack reads it: host memory is cheaper
-    var = policy.initial_var(weights)
     history: list[float] = []
     saved = _restore(run, pool, batches, systems.device, comm) if cfg.run.run_dir is not None else None
     first = 0 if saved is None else saved.blocks_done
@@ -293,6 +377,8 @@ def _hyperplane_blocks(name: str, model: nn.Module, pool: CheckpointPool, cfg: S
                 on_main(comm, lambda: run.save(RunState(t + 1, weights, var, soup, history), pool, batches))
     coefficients = weights if layerwise else weights[:, 0]
     resumed = {"resumed_from_block": first} if cfg.run.run_dir is not None else {}
+    if extends is not None:  # what this run grew (hyperplane_soup adds how many blocks held new models)
+        resumed["extends"] = extends
     return SoupResult(name, layers.complete(soup), coefficients, list(layers.names) if layerwise else None,
                       history=history, params={policy.param_name: var},
                       stats={"epochs": batches.epochs, "inner_iterations": steps, "outer_iterations": len(blocks),

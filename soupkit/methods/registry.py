@@ -133,6 +133,7 @@ class Method:
         reads_all_first: its first step reads every model, which checks them for NaN/Inf before any long
             computation; otherwise make_soup reads them once up front.
         resumable: checkpoints to and resumes from ``run_dir``.
+        extendable: grows a finished result of its family with new checkpoints (``warm_start``).
     """
 
     fn: Callable[..., SoupResult]
@@ -151,6 +152,7 @@ class Method:
     uses_data: bool = True
     reads_all_first: bool = True
     resumable: bool = False
+    extendable: bool = False
 
 
 def _learned(layerwise: bool, description: str, display: str, row: int) -> Method:
@@ -173,7 +175,7 @@ def _hyperplane(layerwise: bool, blockwise: bool, description: str, display: str
     marker, ls = ("D", ":") if name else ("o", "-") if layerwise else ("s", "--")
     return Method(run, description, display, family, family_display, colour, marker, ls, learned=True,
                   defaults=RELEASED_DEFAULTS if name else HYPERPLANE_DEFAULTS, table_row=row, legend_row=legend,
-                  resumable=True)
+                  resumable=True, extendable=blockwise)
 
 
 # the paper's methods, in the paper's table order (table_row): baselines, model-wise, layer-wise ("+"), ensemble
@@ -307,10 +309,13 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
         **options: options of :class:`soupkit.config.SoupConfig`, flat (``SoupConfig.option_names()``). With
             ``parallel``, every rank of the process group calls ``make_soup`` with the same arguments; all get
             the same result, rank 0 writes ``run_dir``, and ``stats`` gains each rank's peak memory, time and
-            resident models.
+            resident models. ``warm_start=previous`` (MEHL-Soup(+)): grow a finished result -- a ``SoupResult``,
+            its saved folder or its ``run_dir`` -- with the pool's models after its K_old first ones
+            (``soupkit/methods/warm_start.py``).
 
     Raises:
-        CheckpointError, DataError, DivergenceError, ResumeError (all :class:`soupkit.errors.SoupkitError`);
+        CheckpointError, DataError, DivergenceError, ResumeError, WarmStartError (all
+        :class:`soupkit.errors.SoupkitError`);
         ``memory.MemoryCapExceeded`` when ``memory_cap_mb`` is set and the method needs more.
     """
     cfg = config_for(name, **options)
@@ -320,6 +325,10 @@ def make_soup(name: str, model: nn.Module, pool: CheckpointPool | Iterable, val_
     pool.check_model(model)
     if cfg.run.run_dir is not None and not method.resumable:
         warnings.warn(f"run_dir is used by HL/MEHL only; {name!r} ignores it", stacklevel=2)
+    if cfg.run.warm_start is not None and not method.extendable:  # it would be ignored: the soup would not grow
+        raise OptionError(f"warm_start grows a MEHL-Soup(+) result (mehl, mehl+, mehl+released); {name!r} cannot "
+                          "start from one" + (" (HL trains all K in one block: mehl/mehl+ with model_batch_size=K "
+                                              "is the same with a warm start)" if method.family == "hl" else ""))
     comm = communicator(cfg.systems.parallel)
     if comm is not None and not comm.is_main:
         cfg = replace(cfg, run=replace(cfg.run, progress=False))  # one progress bar per job

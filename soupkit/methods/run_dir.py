@@ -4,7 +4,9 @@ command resumes from its last finished outer iteration and ends with the same co
 Files in ``run_dir``, each written atomically (temp file + rename), so a kill never leaves half a file:
 
 * ``run.json``: what the run is: method, options, the pool (file names, sizes, tensor layout), the held-out
-  set's size, the block schedule. A directory holding a state refuses to resume any other run.
+  set's size, the block schedule; for a warm start (``warm_start``) ``extends``: the result it grows (its
+  folder, method, K_old and a digest of its coefficients and soup). A directory holding a state refuses to
+  resume any other run.
 * ``state.safetensors``: the state after the last finished outer iteration: coefficients ``weights [K, L]``,
   learned ``var [K, L]``, the soup, the loss history, the global RNG and the held-out stream's position,
   and each model's squared norm (compared on resume: a replaced checkpoint of the same size is caught).
@@ -46,8 +48,10 @@ except ImportError:  # pragma: no cover - not POSIX: no lock, the rest works
 __all__ = ["RunDir", "RunState", "describe_run", "forked_rng"]
 
 _MANIFEST, _STATE, _LOCK, _META = "run.json", "state.safetensors", ".lock", "soupkit_run_state"
-# options that do not change a single number of the run, so a resume may change them
+# options that do not change a single number of the run, so a resume may change them; warm_start does, but it
+# is an object: run.json names it by its provenance, under "extends"
 _FREE_OPTIONS = {"progress", "prefetch", "run_dir"}
+_NOT_IN_OPTIONS = {"warm_start"}
 
 
 @contextmanager
@@ -94,19 +98,23 @@ def _jsonable(value: Any) -> Any:
 
 
 def describe_run(method: str, cfg: SoupConfig, pool: CheckpointPool, layers: "LayerMap", batches: "BatchStream",
-                 blocks: Sequence[Sequence[int]]) -> dict:
-    """The manifest ``run.json``: everything that must match for a saved state to be resumed (JSON-ready)."""
+                 blocks: Sequence[Sequence[int]], extends: Mapping[str, Any] | None = None) -> dict:
+    """The manifest ``run.json``: everything that must match for a saved state to be resumed (JSON-ready);
+    ``extends``: the provenance of the result a warm start grows (absent for a fresh run)."""
     models = [{"name": name, "bytes": None} if isinstance(src, Mapping)
               else {"name": Path(src).name, "bytes": Path(src).stat().st_size}  # the content is checked by norms
               for name, src in zip(pool.names, pool.sources)]
     layout = json.dumps([[k, list(s.shape), str(s.dtype)] for k, s in pool.spec.items()])
     manifest = {
         "format": 1, "method": method, "models": models,
-        "options": {k: _jsonable(v) for k, v in cfg.options().items() if k not in _FREE_OPTIONS},  # flat, as before
+        "options": {k: _jsonable(v) for k, v in cfg.options().items()
+                    if k not in _FREE_OPTIONS | _NOT_IN_OPTIONS},  # flat, as before
         "tensors": hashlib.sha256(layout.encode()).hexdigest()[:16], "layers": list(layers.names),
         "heldout": {"examples": batches.examples_per_epoch, "batches": batches.batches_per_epoch},
         "blocks": [list(b) for b in blocks],
     }
+    if extends is not None:
+        manifest["extends"] = dict(extends)
     return json.loads(json.dumps(manifest))  # the form it has once read back from run.json
 
 

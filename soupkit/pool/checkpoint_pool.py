@@ -12,13 +12,14 @@ and each model's values are checked for NaN/Inf the first time it is read (``che
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -29,7 +30,7 @@ from soupkit.errors import CheckpointError, MissingPretrainedError
 from soupkit.pool.basin import finite_sq_norms
 from soupkit.pool.formats import _SAFETENSORS_DTYPES, TensorSpec, _Loaded, _SafetensorsReader, load_state_dict
 
-__all__ = ["CheckpointPool"]
+__all__ = ["CheckpointPool", "sample_digest"]
 
 Source = Union[str, os.PathLike, Mapping[str, Tensor]]
 StateDict = dict[str, Tensor]
@@ -52,6 +53,8 @@ class CheckpointPool:
     Attributes:
         spec: ``{key: TensorSpec}`` of the first checkpoint, which all others match.
         sq_norms: ``{i: {key: ‖θ_i[key]‖²}}`` of the models read so far (for the basin and resume checks).
+        digests: ``{i: str}`` content fingerprint of each model read so far (:func:`sample_digest` of the values
+            as stored, before any cast), which a warm start compares with the models of the result it grows.
         max_resident: the largest number of fine-tuned models held at once (instrumentation; see ``resident``).
         pretrained, pretrained_name: the ``pretrained`` source (None without one) and its name in messages.
     """
@@ -66,6 +69,7 @@ class CheckpointPool:
         self.cast_dtype = cast_dtype
         self.check_finite = check_finite
         self.sq_norms: dict[int, dict[str, float]] = {}
+        self.digests: dict[int, str] = {}
         self._checked: set[tuple[int, frozenset]] = set()  # (model, floating dtypes it was checked in)
         self.spec: dict[str, TensorSpec] = self._read_spec(0)
         for i in range(1, len(self)):
@@ -182,6 +186,8 @@ class CheckpointPool:
         if checked not in self._checked:
             # after the cast: a float32 value beyond float16's range becomes Inf only in the float16 copy
             self.sq_norms.setdefault(i, finite_sq_norms(out, self.names[i], check=self.check_finite))
+            if i not in self.digests:  # of the stored values: the same whatever dtype a run reads them in
+                self.digests[i] = sample_digest(raw)
             self._checked.add(checked)
         self._track(out, 1)
         return out
@@ -234,6 +240,12 @@ class CheckpointPool:
         if i not in self.sq_norms:
             self.load(i)  # records them
         return self.sq_norms[i]
+
+    def model_digest(self, i: int) -> str:
+        """:func:`sample_digest` of model ``i`` as stored; reads the model unless already known."""
+        if i not in self.digests:
+            self.load(i)  # records it
+        return self.digests[i]
 
     def load_stack(self, indices: Sequence[int], device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, subtract: Mapping[str, Tensor] | None = None,
@@ -349,15 +361,20 @@ class CheckpointPool:
         return self._executor.submit(self.load_stack, list(indices), **kwargs)
 
     def center(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               indices: Sequence[int] | None = None) -> StateDict:
+               indices: Sequence[int] | None = None,
+               each: Callable[[int, StateDict], None] | None = None) -> StateDict:
         """Uniform average θ̄ of the models (all by default), streamed with one fine-tuned model resident.
 
-        Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first model.
+        Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first model. ``each(i,
+        state)`` is called with every model as it streams by (read-only), so a caller can accumulate something
+        else in the same pass (a warm start's check of the previous soup) without reading the models twice.
         """
         indices = list(range(len(self))) if indices is None else list(indices)
         total: StateDict = {}
         for n, i in enumerate(indices):
             state = self.load(i, device, dtype)
+            if each is not None:
+                each(i, state)
             for key, value in state.items():
                 if not value.is_floating_point():
                     total.setdefault(key, value.clone())
@@ -370,3 +387,23 @@ class CheckpointPool:
             if value.is_floating_point():
                 value.div_(len(indices))
         return total
+
+
+def sample_digest(state: Mapping[str, Tensor], per_tensor: int = 64) -> str:
+    """16 hex digits of sha256 over ``per_tensor`` evenly spaced values of every floating tensor (as float64,
+    keys sorted, with their names and shapes): a content fingerprint for one gather per tensor.
+
+    Not a hash of every byte: it tells apart fine-tunes of one pretrained model, which differ at every
+    coordinate, and a file that was replaced by another; an exact upcast of the same values (float32 read as
+    float64) keeps it, any rounding changes it.
+    """
+    h = hashlib.sha256()
+    for key in sorted(k for k, t in state.items() if t.is_floating_point() and t.numel()):
+        flat = state[key].reshape(-1)
+        n, m = flat.numel(), min(per_tensor, flat.numel())
+        # integer positions (exact on every device), first and last element included
+        idx = torch.arange(m, dtype=torch.int64) * (n - 1) // max(m - 1, 1)
+        values = flat[idx.to(flat.device)].to(torch.float64).cpu()
+        h.update(f"{key}{tuple(state[key].shape)}".encode())
+        h.update(values.numpy().tobytes())
+    return h.hexdigest()[:16]

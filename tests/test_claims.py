@@ -75,3 +75,42 @@ def test_the_benchmark_row_comes_from_the_file_passed_only(tmp_path: Path) -> No
     row = claims_table(tmp_path, tmp_path / "figures", None, bench, pairs=[]).iloc[-1]
     assert row["claim"].startswith(name) and bench.name in row["basis"]
     assert row["verdict"] == "no verdict (one measurement)"
+
+
+def test_comparison_verdict_names_the_better_method() -> None:
+    from soupkit.experiments.claims import comparison_verdict
+
+    assert comparison_verdict(Interval(1.0, 0.2, 1.8), "mehl+", "model_stock") == "MEHL-Soup+ better"
+    assert comparison_verdict(Interval(-1.0, -1.8, -0.2), "mehl+", "model_stock") == "Model Stock better"
+    assert comparison_verdict(Interval(0.1, -0.5, 0.7), "mehl+", "model_stock") == "cannot tell at this scale"
+
+
+def _write_shift(folder: Path, method: str, shift: str, correct: np.ndarray) -> None:
+    predicted = np.where(correct, 0, 1)
+    (folder / f"{method}.shift-{shift}.predictions.csv").write_text(
+        "label,prediction\n" + "".join(f"0,{p}\n" for p in predicted))
+    record = json.loads((folder / f"{method}.json").read_text())
+    record[f"shift_{shift}_accuracy"] = float(correct.mean())
+    (folder / f"{method}.json").write_text(json.dumps(record))
+
+
+def test_shift_and_beyond_rows_from_the_main_tables_predictions(tmp_path: Path) -> None:
+    folder, n = tmp_path / "main_table", 200
+    test = {"greedy": 0.9, "best": 0.9, "uniform": 0.9, "mehl+": 0.95, "model_stock": 0.8}
+    for m, acc in test.items():
+        _write_run(folder, m, np.arange(n) < acc * n)
+    # greedy above best by 10 points on shift a and by 0 on shift b (a different size): average +5 points
+    for m, (a, b) in {"greedy": (0.8, 0.5), "best": (0.7, 0.5), "uniform": (0.8, 0.5), "mehl+": (0.8, 0.5)}.items():
+        _write_shift(folder, m, "a", np.arange(n) < a * n)
+        _write_shift(folder, m, "b", np.arange(100) < b * 100)
+    table = claims_table(tmp_path, tmp_path / "figures", pairs=[]).set_index("claim")
+    robust = table.loc["model-soups: Greedy-Soup more robust than Best individual model (shift average, points)"]
+    assert robust["ours, one run (95 % CI over test images)"].startswith("+5.00 [")
+    assert robust["verdict"] == "reproduces" and robust["paper"] == "+2.89 (ImageNet shifts)"
+    same = table.loc["model-soups: Uniform-Soup more robust than Greedy-Soup (shift average, points)"]
+    assert same["ours, one run (95 % CI over test images)"] == "+0.00 [+0.00, +0.00]"
+    assert same["verdict"] == "cannot tell at this scale"
+    beyond = table.loc["Beyond the paper: MEHL-Soup+ vs Model Stock (points, A − B)"]
+    assert beyond["ours, one run (95 % CI over test images)"].startswith("+15.00 [")
+    assert beyond["verdict"] == "MEHL-Soup+ better"
+    assert not any("Task arithmetic" in c for c in table.index)  # not run: no row

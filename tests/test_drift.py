@@ -86,3 +86,12 @@ def test_derive_from_seed_spread_and_float_paths(tmp_path: Path) -> None:
     assert out.loc["accuracy", "tolerance"] == pytest.approx(2.0)
     assert out.loc["difference", "tolerance"] == pytest.approx(2.85)  # 8 x 0.35355 = 2.828 -> 2.85
     assert "statistic" not in out.index
+
+
+def test_a_column_named_after_any_registered_method_is_an_accuracy() -> None:
+    from soupkit.experiments.drift import column_kind
+
+    values = pd.Series([83.25, 84.1])
+    assert column_kind("Model Stock", values) == "accuracy"
+    assert column_kind("Task arithmetic", values) == "accuracy"
+    assert column_kind("something else", values) == "other"

@@ -25,11 +25,11 @@ import pandas as pd
 
 from soupkit.experiments.results import paper_table
 from soupkit.experiments.run import read_correct
-from soupkit.experiments.stats import (NO_VERDICT, VERDICTS, Interval, format_interval, paired_difference,
-                                       seed_interval, seeds_needed, verdict)
+from soupkit.experiments.stats import (NO_VERDICT, VERDICTS, Interval, format_interval, mean_over_sets,
+                                       paired_difference, seed_interval, seeds_needed, verdict)
 from soupkit.methods.registry import DISPLAY
 
-__all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "claims_table", "claims_markdown", "equivalence_verdict",
+__all__ = ["EQUIVALENCE_MARGIN", "POWER_TARGET", "BEYOND_PAIRS", "SHIFT_PAIRS", "claims_table", "comparison_verdict", "claims_markdown", "equivalence_verdict",
            "power_line", "study_differences", "TABLE1_PAIRS"]
 
 POWER_TARGET = 0.75  # points: the half-width the MEHL-Soup+ - greedy interval over seeds should reach
@@ -41,6 +41,24 @@ TABLE1_PAIRS: tuple[tuple[str, str], ...] = (
 )
 # the released code's variant should implement the paper's algorithm: judged as equivalence
 RELEASED_PAIR = ("mehl+released", "mehl+")
+
+
+# beyond the paper: MEHL-Soup+ against the soups users would pick instead (no expected side: the verdict names
+# the better one when the interval excludes 0)
+BEYOND_PAIRS: tuple[tuple[str, str], ...] = (("mehl+", "model_stock"), ("mehl+", "task_arithmetic"))
+# under distribution shift (the shift average): model-soups' two orderings (its Table with the five ImageNet
+# shifts: greedy above the best model, uniform above greedy), then MEHL-Soup+ against greedy (not in either paper)
+SHIFT_PAIRS: tuple[tuple[str, str, int | str], ...] = (("greedy", "best", +1), ("uniform", "greedy", +1),
+                                                        ("mehl+", "greedy", "compare"))
+
+
+def comparison_verdict(interval: Interval, a: str, b: str) -> str:
+    """Verdict on a comparison no paper makes: which of A and B is better, when the interval of A - B excludes 0."""
+    if interval.low > 0:
+        return f"{DISPLAY.get(a, a)} better"
+    if interval.high < 0:
+        return f"{DISPLAY.get(b, b)} better"
+    return VERDICTS[2]
 
 
 def equivalence_verdict(interval: Interval, margin: float = EQUIVALENCE_MARGIN) -> str:
@@ -60,10 +78,12 @@ def _correct(path: Path) -> np.ndarray | None:
 
 
 def _row(claim: str, paper: str, images: Interval | None, seeds: Interval | None, expected: int | str,
-         basis: str, note: str = "") -> dict[str, Any]:
+         basis: str, note: str = "", pair: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
     decide = seeds if seeds is not None else images
     if decide is None:
         outcome = "not run"
+    elif expected == "compare":
+        outcome = comparison_verdict(decide, *pair)
     elif expected == "equal":
         outcome = equivalence_verdict(decide)
     else:
@@ -411,6 +431,52 @@ def _coefficients(figures: Path) -> list[dict[str, Any]]:
              "basis": f"coefficients (05): {int(t.loc['mehl+', 'coefficients'])} per method, counted exactly"}]
 
 
+def _beyond(out: Path, seeds: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """MEHL-Soup+ against Model Stock and task arithmetic (test accuracy), where the main table ran them."""
+    rows = []
+    for a, b in BEYOND_PAIRS:
+        images, across, n_seeds = _pair_intervals(out, seeds, a, b)
+        if images is None and across is None:
+            continue
+        rows.append(_row(f"Beyond the paper: {DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)} (points, A − B)",
+                         "- (not in the paper)", images, across, "compare", _basis(across, n_seeds), pair=(a, b)))
+    return rows
+
+
+def _shift_correct(record: Path) -> dict[str, np.ndarray]:
+    """``{shift: correct [N_s]}`` of one main-table record (its ``shift_<name>_accuracy`` fields)."""
+    if not record.is_file():
+        return {}
+    fields = pd.read_json(record, typ="series").index
+    names = [f[len("shift_"):-len("_accuracy")] for f in fields if f.startswith("shift_") and f.endswith("_accuracy")]
+    try:
+        return {n: read_correct(record, f"shift-{n}").astype(float) for n in names}
+    except FileNotFoundError:
+        return {}
+
+
+def _shifts(out: Path) -> list[dict[str, Any]]:
+    """Orderings under distribution shift: A − B of the average accuracy over the zoo's shifts, the per-image
+    differences of each shift resampled on their own (``stats.mean_over_sets``). One run: no seeds."""
+    paper = paper_table("model_soups_shifts_vitb32_imagenet").set_index("method")
+    rows = []
+    for a, b, expected in SHIFT_PAIRS:
+        ca, cb = (_shift_correct(out / "main_table" / f"{m}.json") for m in (a, b))
+        names = [n for n in ca if n in cb and ca[n].shape == cb[n].shape]
+        if not names:
+            continue
+        images = mean_over_sets([ca[n] - cb[n] for n in names]).scaled(100)
+        who = "model-soups" if expected != "compare" else "Beyond the paper"
+        paper_text = (f"{paper.loc[a, 'shift_average'] - paper.loc[b, 'shift_average']:+.2f} (ImageNet shifts)"
+                      if a in paper.index and b in paper.index else "- (not in the paper)")
+        rows.append(_row(f"{who}: {DISPLAY.get(a, a)} more robust than {DISPLAY.get(b, b)} (shift average, points)"
+                         if expected != "compare" else
+                         f"{who}: {DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)} under shift (shift average, points, A − B)",
+                         paper_text, images, None, expected,
+                         f"main table (02), {len(names)} shifts ({', '.join(names)})", pair=(a, b)))
+    return rows
+
+
 def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
                  seeds_dir: str | os.PathLike | None = None, benchmark_csv: str | os.PathLike | None = None,
                  pairs: Sequence[tuple[str, str]] = TABLE1_PAIRS) -> pd.DataFrame:
@@ -432,6 +498,7 @@ def claims_table(out_dir: str | os.PathLike, figures_dir: str | os.PathLike,
     # the claims table's order: Table 2, Table 3, Figure 1, Figure 2, the ablations, Appendix C
     top = [r for r in study if r["claim"].startswith("Table 3")]
     rows += _larger_model(out) + top + _coefficients(figures) + [r for r in study if r not in top]
+    rows += _shifts(out) + _beyond(out, seeds)
     return pd.DataFrame(rows)
 
 

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from soupkit.methods.registry import DISPLAY
+
 __all__ = ["Drift", "describe_tables", "column_kind", "compare_tables", "compare_dirs", "load_tolerances", "derive_tolerances",
            "TOLERANCE_FILE", "TOLERANCE_RULE", "main"]
 
@@ -37,7 +39,8 @@ TOLERANCE_RULE = ("tolerance of a kind = the larger of 4 x the standard deviatio
 _COST = re.compile(r"s / epoch|construction|memory|seconds|\(s\)|cpu|time|peak|\bMB\b|\bGB\b")
 _DIFFERENCE = re.compile(r"change|points|- greedy| − |gap")
 _ACCURACY = re.compile(r"acc|\(%\)|accuracy|^test_(low|high)$")
-_METHOD_COLUMN = re.compile(r"Soup|individual|Ensemble")  # tables with one accuracy column per method
+# tables with one accuracy column per method: every registered method's display name
+_METHOD_COLUMN = re.compile("|".join(["Soup", "individual", *map(re.escape, DISPLAY.values())]))
 _COEFFICIENT = re.compile(r"cosine|λ|\bmin\b|\bmax\b|< 0|> 1|outside")
 
 

@@ -55,6 +55,17 @@ def main_table_block(figures: Path, data: Path) -> str:
                    "construction (s)", "peak memory (MB)", "note", "paper acc (%)"], rows)
 
 
+def shifts_block(figures: Path, data: Path) -> str:
+    t = pd.read_csv(figures / "shift_table.csv")
+    shifts = [c[: -len(" acc (%)")] for c in t.columns
+              if c.endswith(" acc (%)") and c != "test acc (%)" and not c.startswith("shift avg")]
+    rows = [[r["Method"], _ci(r["test acc (%)"], r["test low (%)"], r["test high (%)"]),
+             *(_ci(r[f"{s} acc (%)"], r[f"{s} low (%)"], r[f"{s} high (%)"]) for s in shifts),
+             _ci(r["shift avg (%)"], r["shift avg low (%)"], r["shift avg high (%)"])] for _, r in t.iterrows()]
+    return _table(["Method", "test acc (%) [95 % CI]", *(f"{s} (%) [95 % CI]" for s in shifts),
+                   "shift average (%) [95 % CI]"], rows)
+
+
 def seeds_block(figures: Path, data: Path) -> str:
     t = pd.read_csv(figures / "seeds_summary.csv")
     rows = [[r["Method"], int(r["seeds"]), _ci(r["mean test acc (%)"], r["t low (%)"], r["t high (%)"]),
@@ -142,7 +153,7 @@ def power_block(figures: Path, data: Path) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path, Path], str]] = {
-    "main_table": main_table_block, "seeds": seeds_block, "seed_comparisons": seed_comparisons_block,
+    "main_table": main_table_block, "shifts": shifts_block, "seeds": seeds_block, "seed_comparisons": seed_comparisons_block,
     "power": power_block, "seed_studies": seed_studies_block,
     "claims": claims_block, "verdicts": verdicts_block, "plan_check": plan_check_block, "numerics": numerics_block, "tolerances": tolerances_block,
 }

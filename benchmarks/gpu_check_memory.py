@@ -32,7 +32,7 @@ class Setup:
 
     def __init__(self, arch: str, num_classes: int, k: int, directory: Path, device: str, ckpt_dtype: str | None,
                  seed: int = 0, noise: float = 1e-3) -> None:
-        from soupkit.config import _dtype  # noqa: PLC0415  (the option parser: "float16", "bf16", ...)
+        from soupkit.config import parse_dtype  # noqa: PLC0415  (the option parser: "float16", "bf16", ...)
 
         self.arch, self.num_classes = arch, num_classes
         model = build_model(arch, num_classes, seed)
@@ -44,7 +44,7 @@ class Setup:
         t0 = time.perf_counter()
         self.activations = plan.measure_activations(model, self.input_shape, num_classes=num_classes)
         self.activation_seconds = time.perf_counter() - t0
-        self.ckpt_dtype = _dtype(ckpt_dtype, "ckpt_dtype") if ckpt_dtype else None
+        self.ckpt_dtype = parse_dtype(ckpt_dtype, "ckpt_dtype") if ckpt_dtype else None
         self.cast = self.ckpt_dtype not in (None, torch.float32)
         self.file_dtype = str(self.ckpt_dtype or torch.float32).replace("torch.", "")
         t0 = time.perf_counter()
@@ -57,9 +57,9 @@ class Setup:
         """The planner's peak for this run (fp16 files: a cast read, the planner's ``copy`` format)."""
         ddtype = (soup_options or {}).get("direction_dtype")
         if isinstance(ddtype, str):
-            from soupkit.config import _dtype  # noqa: PLC0415
+            from soupkit.config import parse_dtype  # noqa: PLC0415
 
-            ddtype = _dtype(ddtype, "direction_dtype")
+            ddtype = parse_dtype(ddtype, "direction_dtype")
         return plan.plan_memory(method, self.size, k, b=b, batch=batch, activations=self.activations,
                                 device=device, direction_dtype=ddtype,
                                 checkpoint_format="copy" if self.cast else "safetensors")

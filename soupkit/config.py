@@ -62,11 +62,11 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from soupkit.errors import OptionError, UnknownOptionError
+from soupkit.errors import OptionError, SoupkitError, UnknownOptionError
 
 __all__ = ["SoupConfig", "Algorithm", "Variant", "Systems", "Run", "LEARNED_DEFAULTS", "HYPERPLANE_DEFAULTS",
            "RELEASED_DEFAULTS", "TASK_ARITHMETIC_GRID", "TASK_ARITHMETIC_DEFAULTS", "with_options",
-           "MAIN_TABLE_SETTINGS", "Grouping"]
+           "MAIN_TABLE_SETTINGS", "Grouping", "parse_dtype"]
 
 # which tensors share a coefficient in the "+" methods (soupkit.engine.layers.layer_map): None = each parameter
 # tensor, "module" = the parameters of one module, or a callable name -> group label
@@ -217,7 +217,7 @@ class Systems:
 
     def __post_init__(self) -> None:
         if isinstance(self.direction_dtype, str):
-            object.__setattr__(self, "direction_dtype", _dtype(self.direction_dtype, "direction_dtype"))
+            object.__setattr__(self, "direction_dtype", parse_dtype(self.direction_dtype, "direction_dtype"))
         if self.direction_dtype is not None and not (isinstance(self.direction_dtype, torch.dtype)
                                                      and self.direction_dtype.is_floating_point):
             raise OptionError(f"direction_dtype must be a floating torch dtype, got {self.direction_dtype!r}")
@@ -339,11 +339,33 @@ def _grid(value: Any) -> tuple[float, ...]:
     return grid
 
 
-def _dtype(name: str, option: str) -> torch.dtype:
-    """``"bf16"``, ``"fp16"`` or a torch dtype's name (``"bfloat16"``) as the dtype."""
-    found = _AUTOCAST.get(name.lower(), getattr(torch, name.lower(), None))
+# short names beside torch's own ("bfloat16", "half", "int8", ...); not autocast's table, which has no fp32
+_DTYPE_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype, option: str = "dtype", *, floating: bool = False,
+                error: type[SoupkitError] = OptionError) -> torch.dtype:
+    """The torch dtype a name stands for: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype's name (``"bfloat16"``,
+    ``"float"``, ``"int8"``), any case; a torch dtype is returned as it is.
+
+    Args:
+        option: the option or flag the name was given as, for the message.
+        floating: refuse non-floating dtypes (``int8``...).
+        error: the :class:`SoupkitError` to raise (the planner raises its ``PlanError``).
+
+    Raises:
+        ``error`` (default :class:`OptionError`) naming ``option`` when ``name`` is not a (floating) torch dtype.
+    """
+    if isinstance(name, torch.dtype):
+        found: Any = name
+    elif isinstance(name, str):
+        found = _DTYPE_ALIASES.get(name.lower(), getattr(torch, name.lower(), None))
+    else:
+        found = None
     if not isinstance(found, torch.dtype):
-        raise OptionError(f"{option}={name!r} is not a torch dtype (bfloat16, float16, float32, ...)")
+        raise error(f"{option}={name!r} is not a torch dtype (bfloat16, float16, float32, ...)")
+    if floating and not found.is_floating_point:
+        raise error(f"{option}={name!r} is not a floating torch dtype (float32, bfloat16, float16)")
     return found
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import soupkit
-from soupkit.config import HYPERPLANE_DEFAULTS, Algorithm, Run, SoupConfig, Systems, Variant, with_options
+from soupkit.config import HYPERPLANE_DEFAULTS, Algorithm, Run, SoupConfig, Systems, Variant, parse_dtype, with_options
+from soupkit.errors import OptionError, PlanError
 from soupkit.methods.registry import METHODS, Method, config_for, register
 from soupkit.methods.result import SoupResult
 
@@ -85,6 +86,26 @@ def test_options_are_routed_without_touching_the_rest():
     assert SoupConfig.from_options(direction_dtype="bf16").systems.direction_dtype is torch.bfloat16
     assert config_for("mehl+", direction_dtype="float16").systems.direction_dtype is torch.float16
     assert Systems(autocast="fp16").autocast_dtype is torch.float16 and Systems().autocast_dtype is None
+
+
+def test_one_dtype_parser_reads_the_short_and_the_torch_names():
+    """parse_dtype serves the options (direction_dtype) and the planner's --dtype: bf16/fp16/fp32 and torch's own
+    names in any case; what either accepted before reads as before."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "Float32": torch.float32, "half": torch.float16, "float": torch.float32,
+             "float64": torch.float64, "BF16": torch.bfloat16, "int8": torch.int8}
+    for name, dtype in table.items():
+        assert parse_dtype(name) is dtype, name
+    assert parse_dtype(torch.float16) is torch.float16
+    assert Systems(direction_dtype="fp32").direction_dtype is torch.float32  # fp32 was the planner's only
+    with pytest.raises(OptionError, match=r"^direction_dtype='nope' is not a torch dtype"):
+        parse_dtype("nope", "direction_dtype")
+    with pytest.raises(OptionError, match="is not a torch dtype"):
+        parse_dtype("Tensor")  # a torch attribute, not a dtype
+    with pytest.raises(PlanError, match=r"^--dtype='int8' is not a floating torch dtype"):
+        parse_dtype("int8", "--dtype", floating=True, error=PlanError)
+    with pytest.raises(OptionError, match="not a floating"):
+        parse_dtype(torch.int64, floating=True)
 
 
 def test_an_unknown_option_raises_type_error_naming_the_valid_ones():

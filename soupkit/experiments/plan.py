@@ -30,13 +30,17 @@ weights that the code holds at once, read from the implementations (``methods/re
 * ``C0``: the runtime's own one-time allocations at the first backward of a process (autograd engine,
   oneDNN/MKL scratch), measured on this CPU by ``benchmarks/plan_check.py``; 0 on CUDA (its context is not
   counted by ``max_memory_allocated``).
+* ``H``: the host heap the baselines grow beside their tensors (the pool's per-model records and checks,
+  safetensors headers, Python objects: allocations below glibc's mmap threshold), measured on this CPU by
+  ``benchmarks/plan_check.py`` with 4 KiB pages: 0.3-1.1 MB over the baselines and K = 4-32, taken as a constant
+  0.8 MB; 0 on CUDA (host memory). The learned methods' share of it is inside their fitted ``C0``.
 
 Per method (CPU; on CUDA the HL/MEHL centre lives in host memory, see :data:`FORMULAS`)::
 
-    best           max(M + R, M + F, 2M) + Z             one model at a time, then the chosen one cloned
-    uniform        2M + R                                running sum + the model being read
-    greedy         max(2M + R, 3M + F) + Z               running sum, candidate model, candidate soup
-    ensemble       max(M + R, M + F) + Z                 members read one at a time (at evaluation)
+    best           max(M + R, M + F, 2M) + Z + H         one model at a time, then the chosen one cloned
+    uniform        2M + R + H                            running sum + the model being read
+    greedy         max(2M + R, 3M + F) + Z + H           running sum, candidate model, candidate soup
+    ensemble       max(M + R, M + F) + Z + H             members read one at a time (at evaluation)
     learned(+)     (K + 1)M + G + A + C0                 all K models + the combined model, one graph
     hl(+)          max(2M + R, 2M + K·D + A + C0)        centre, soup, the K directions
     mehl(+)        max(2M + R, 2M + b·D + A + C0)        centre, soup, b directions (prefetch: 2b)
@@ -55,20 +59,30 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from soupkit.config import parse_dtype
 from soupkit.errors import PlanError, SoupkitError
+from soupkit.zoo.base import BaseZoo, image_input_shape
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["ModelSize", "ActivationModel", "Plan", "FORMULAS", "model_size", "measure_activations",
-           "plan_memory", "plan_all", "device_budget", "main", "CPU_RUNTIME_BYTES"]
+           "plan_memory", "plan_all", "plan_table", "fit_verdict", "device_budget", "main", "CPU_RUNTIME_BYTES",
+           "CPU_HEAP_BYTES", "PLAN_TOLERANCE"]
 
 # C0 above: measured with benchmarks/plan_check.py on this repository's CPU (torch 2.13 CPU build, 1 thread)
 CPU_RUNTIME_BYTES = 5 * 2**20
+# H above: measured likewise (plan_check.py, 4 KiB pages); host memory, so 0 on CUDA
+CPU_HEAP_BYTES = int(0.8 * 2**20)
+# how far a CPU prediction may be from the measured peak (benchmarks/plan_check.py checks every method against it)
+PLAN_TOLERANCE = 0.15
 # G above: host objects per (model, tensor) pair of Learned-Soup's graph (a coefficient view, a multiply and an
 # add node, the read tensor's own object), measured likewise; not device memory on CUDA
 CPU_GRAPH_BYTES_PER_PAIR = 5 * 2**10
@@ -77,10 +91,10 @@ _PLANNED = ("best", "uniform", "greedy", "ensemble", "learned", "learned+", "hl"
             "mehl+released")
 
 FORMULAS: dict[str, str] = {
-    "best": "max(M + R, M + F, 2M) + Z",
-    "uniform": "2M + R",
-    "greedy": "max(2M + R, 3M + F) + Z",
-    "ensemble": "max(M + R, M + F) + Z",
+    "best": "max(M + R, M + F, 2M) + Z + H",
+    "uniform": "2M + R + H",
+    "greedy": "max(2M + R, 3M + F) + Z + H",
+    "ensemble": "max(M + R, M + F) + Z + H",
     "learned": "(K + 1)M + G + A + C0",
     "learned+": "(K + 1)M + G + A + C0",
     "hl": "max(2M + R, 2M + K·D + A + C0)",
@@ -280,11 +294,19 @@ class Plan:
         return self.peak_bytes / 2**20
 
 
+def _family(method: str) -> str:
+    """The method's family in the registry (``"mehl"`` for mehl, mehl+ and mehl+released; ``"hl"``, ``"learned"``...)."""
+    from soupkit.methods.registry import METHODS  # noqa: PLC0415  (the registry imports every method)
+
+    return METHODS[method].family
+
+
 def _resolve_b(method: str, k: int, b: int | None) -> int:
     """b as ``hyperplane_soup`` resolves it: HL uses all K; MEHL ``model_batch_size`` or ceil(K/4), at most K."""
-    if method in ("hl", "hl+", "learned", "learned+"):
+    family = _family(method)
+    if family in ("hl", "learned"):  # every model at once
         return k
-    if not method.startswith("mehl"):
+    if family != "mehl":
         return 1
     if b is not None and b < 1:
         raise PlanError(f"b (model_batch_size) must be >= 1, got {b}")
@@ -296,7 +318,8 @@ def plan_memory(method: str, model: nn.Module | ModelSize, k: int, *, b: int | N
                 dtype: torch.dtype = torch.float32, direction_dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu", checkpoint_format: str = "safetensors",
                 heldout: int = 0, eval_batch: int | None = None, prefetch: bool = False,
-                budget_bytes: int | None = None, runtime_bytes: int | None = None) -> Plan:
+                budget_bytes: int | None = None, runtime_bytes: int | None = None,
+                heap_bytes: int | None = None) -> Plan:
     """Predict the peak memory of ``make_soup(method, ...)`` over K models (see the module docstring).
 
     Args:
@@ -314,6 +337,7 @@ def plan_memory(method: str, model: nn.Module | ModelSize, k: int, *, b: int | N
         prefetch: HL/MEHL read the next block while one trains (``2b`` directions).
         budget_bytes: memory available when make_soup starts; sets ``fits``.
         runtime_bytes: ``C0`` (default :data:`CPU_RUNTIME_BYTES` on CPU, 0 on CUDA).
+        heap_bytes: ``H`` (default :data:`CPU_HEAP_BYTES` on CPU, 0 on CUDA).
 
     Raises:
         PlanError: unknown method, K < 1, b < 1, batch < 1, a module without ``input_shape``.
@@ -343,16 +367,18 @@ def plan_memory(method: str, model: nn.Module | ModelSize, k: int, *, b: int | N
     f = activations.eval(eval_batch or batch)
     z = 2 * heldout * size.num_classes * 4
     c0 = (CPU_RUNTIME_BYTES if not cuda else 0) if runtime_bytes is None else runtime_bytes
+    h = (CPU_HEAP_BYTES if not cuda else 0) if heap_bytes is None else heap_bytes
     g = 0 if cuda else k * size.tensors * CPU_GRAPH_BYTES_PER_PAIR
-    rows = 2 * bb if prefetch and method.startswith("mehl") else bb
+    blocked = prefetch and _family(method) == "mehl"  # MEHL prefetches the next block beside the current one
+    rows = 2 * bb if blocked else bb
     if method == "best":
-        peak = max(m + r, m + f, 2 * m) + z
+        peak = max(m + r, m + f, 2 * m) + z + h
     elif method == "uniform":
-        peak = 2 * m + r
+        peak = 2 * m + r + h
     elif method == "greedy":
-        peak = max(2 * m + r, 3 * m + f) + z
+        peak = max(2 * m + r, 3 * m + f) + z + h
     elif method == "ensemble":
-        peak = max(m + r, m + f) + z
+        peak = max(m + r, m + f) + z + h
     elif method in ("learned", "learned+"):
         peak = (k + 1) * m + g + a + c0
     elif method == "mehl+released":
@@ -360,9 +386,9 @@ def plan_memory(method: str, model: nn.Module | ModelSize, k: int, *, b: int | N
     else:  # hl, hl+, mehl, mehl+: centre + soup + directions; on CUDA the centre is in host memory
         peak = max(2 * m + r, (1 if cuda else 2) * m + rows * d + a + c0)
     formula = (_CUDA_FORMULAS if cuda else FORMULAS).get(method, FORMULAS[method])
-    if prefetch and method.startswith("mehl"):
+    if blocked:
         formula = formula.replace("b·", "2b·")
-    terms = {"M": m, "D": d, "T": t, "R": r, "A": a, "F": f, "Z": z, "G": g, "C0": c0, "K": k, "b": bb}
+    terms = {"M": m, "D": d, "T": t, "R": r, "A": a, "F": f, "Z": z, "G": g, "C0": c0, "H": h, "K": k, "b": bb}
     fits = None if budget_bytes is None else peak <= budget_bytes
     return Plan(method, str(dev), k, bb, batch, int(peak), formula, terms, budget_bytes, fits)
 
@@ -397,6 +423,64 @@ def device_budget(device: str | torch.device, cap_bytes: int | None = None) -> t
     return None, "unknown (give --budget-gb)"
 
 
+# ---- a zoo's runs ----------------------------------------------------------------------------------------------
+def _record_options(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The planner's options for the run a record (``soupkit.experiments.run``) describes."""
+    options = dict(record.get("options") or {})
+    heldout = record.get("heldout_size") or 0  # None: the whole split, unknown here; Z is small beside M
+    heldout -= int(round((record.get("select_fraction") or 0.0) * heldout))  # the select part is not learned on
+    b = options.get("model_batch_size", record.get("model_batch_size"))
+    ddtype = options.get("direction_dtype")
+    return {"b": None if b is None or b != b else int(b), "batch": int(record.get("batch_size") or 128),
+            "heldout": int(heldout), "device": str(record.get("device") or "cpu"),
+            "prefetch": bool(options.get("prefetch", False)),
+            "direction_dtype": parse_dtype(ddtype, "direction_dtype", error=PlanError) if ddtype else None}
+
+
+def fit_verdict(peak_bytes: int, budget_bytes: int | None, tolerance: float = PLAN_TOLERANCE) -> str:
+    """What a prediction says about a budget, given the planner's accuracy: "fits" (``peak·(1 + tolerance)`` within
+    the budget), "does not fit" (``peak·(1 - tolerance)`` above it), else "borderline"; "no cap" without a budget."""
+    if budget_bytes is None:
+        return "no cap"
+    if peak_bytes * (1 + tolerance) <= budget_bytes:
+        return "fits"
+    return "does not fit" if peak_bytes * (1 - tolerance) > budget_bytes else "borderline"
+
+
+def plan_table(zoo: BaseZoo, records: Sequence[Mapping[str, Any]], activations: ActivationModel | None = None,
+               tolerance: float = PLAN_TOLERANCE) -> pd.DataFrame:
+    """The planner's predicted peak of each run in ``records`` beside its memory cap and what the run did.
+
+    ``records`` are ``soupkit.experiments.run.run_methods``'s (one per method: ``method``, ``status``,
+    ``peak_memory_bytes``, ``memory_cap_mb``, ``num_models``, ``batch_size``, ``heldout_size``, ``options``...);
+    each is planned with the options it ran with, K its ``num_models``, on the zoo's architecture (activations
+    measured once, unless given). Columns: ``method``, ``predicted peak (MB)``, ``cap (MB)``, ``plan``
+    (:func:`fit_verdict` at ``tolerance``, or "no formula" for a method the planner does not know), ``run`` (the
+    record's status) and ``measured peak (MB)`` (a stopped run's: where it was stopped).
+    """
+    import pandas as pd  # noqa: PLC0415  (the command line does not need it)
+
+    model = zoo.make_model()
+    size = model_size(model)
+    rows = []
+    for record in records:
+        method, cap = str(record["method"]), record.get("memory_cap_mb") or None
+        measured = record.get("peak_memory_bytes")
+        row = {"method": method, "predicted peak (MB)": None, "cap (MB)": cap, "plan": "no formula",
+               "run": record.get("status"),
+               "measured peak (MB)": None if measured is None or measured != measured else measured / 2**20}
+        if method in _PLANNED:
+            if activations is None:  # measured only when a method is planned
+                activations = measure_activations(model, zoo.input_shape(model), num_classes=size.num_classes)
+            p = plan_memory(method, size, int(record.get("num_models") or len(zoo.records)),
+                            activations=activations, budget_bytes=None if cap is None else int(cap * 2**20),
+                            **_record_options(record))
+            row.update({"predicted peak (MB)": p.peak_mb, "plan": fit_verdict(p.peak_bytes, p.budget_bytes, tolerance)})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["method", "predicted peak (MB)", "cap (MB)", "plan", "run",
+                                       "measured peak (MB)"])
+
+
 # ---- command line ----------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one sentence, not the usage block
@@ -428,14 +512,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dtype(name: str, what: str) -> torch.dtype:
-    found = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(name.lower(),
-                                                                                         getattr(torch, name.lower(), None))
-    if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise PlanError(f"{what} {name!r} is not a floating torch dtype (float32, bfloat16, float16)")
-    return found
-
-
 def _model_and_shape(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...], int | None, int]:
     """(module, one input's shape, K of the zoo or None, held-out size of the zoo or 0)."""
     if args.zoo is not None:
@@ -448,12 +524,7 @@ def _model_and_shape(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ..
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise PlanError(f"--zoo {args.zoo}: not a readable zoo ({err})") from None
         model = zoo.make_model()
-        cfg = getattr(getattr(zoo, "config", None), "model", None)
-        if cfg is not None:
-            shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        else:
-            shape = _clip_input_shape(model)
-        return model, shape, len(zoo.records), 0
+        return model, zoo.input_shape(model), len(zoo.records), 0
     from soupkit.runtime._compat import import_open_clip  # noqa: PLC0415
 
     open_clip = import_open_clip()
@@ -463,17 +534,10 @@ def _model_and_shape(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ..
     from soupkit.zoo.clip import build_model_soups_model  # noqa: PLC0415
 
     model = build_model_soups_model(args.num_classes, args.arch)  # random weights: nothing is downloaded
-    return model, _clip_input_shape(model), None, 0
+    return model, image_input_shape(model), None, 0
 
 
-def _clip_input_shape(model: nn.Module) -> tuple[int, ...]:
-    visual = next((m for m in model.modules() if hasattr(m, "image_size") and hasattr(m, "conv1")), None)
-    size = getattr(visual, "image_size", 224)
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return (3, int(size), int(size))
-
-
-_TERM = re.compile(r"(?<![A-Za-z])(C0|M|D|T|R|A|F|Z|G)(?![A-Za-z0-9])")
+_TERM = re.compile(r"(?<![A-Za-z])(C0|M|D|T|R|A|F|Z|G|H)(?![A-Za-z0-9])")
 
 
 def _mb(n: int) -> str:
@@ -503,8 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in args.methods if m not in _PLANNED]
         if unknown:
             raise PlanError(f"unknown soup method {unknown[0]!r}; choose from {', '.join(_PLANNED)}")
-        dtype = _dtype(args.dtype, "--dtype")
-        ddtype = _dtype(args.direction_dtype, "--direction-dtype") if args.direction_dtype else None
+        dtype = parse_dtype(args.dtype, "--dtype", floating=True, error=PlanError)
+        ddtype = (parse_dtype(args.direction_dtype, "--direction-dtype", floating=True, error=PlanError)
+                  if args.direction_dtype else None)
         try:
             dev = torch.device(args.device)
         except RuntimeError:

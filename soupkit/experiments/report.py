@@ -115,18 +115,31 @@ def verdicts_block(figures: Path, data: Path) -> str:
 
 
 def plan_check_block(figures: Path, data: Path) -> str:
-    """The memory planner's prediction beside the measured peak, per method and K (benchmarks/plan_check.py)."""
+    """The memory planner's prediction beside the measured peak, per method and K (benchmarks/plan_check.py): the
+    median of the repeated measurements and their range (a file of single measurements: the one measurement)."""
+    from soupkit.methods.registry import METHODS  # noqa: PLC0415
+
     t = pd.read_csv(data / "results" / "plan_check_cpu.csv")
+    repeated = "measured_min_mb" in t.columns
     ks = sorted(t["K"].unique())
+
+    def cell(r: pd.Series) -> str:
+        spread = f" [{r['measured_min_mb']:.1f}-{r['measured_max_mb']:.1f}]" if repeated else ""
+        return f"{r['predicted_mb']:.1f} / {r['measured_mb']:.1f}{spread} ({r['ratio']:.2f})"
+
     rows = []
     for method, g in t.groupby("method", sort=False):
-        by_k = {int(r["K"]): f"{r['predicted_mb']:.1f} / {r['measured_mb']:.1f} ({r['ratio']:.2f})" for _, r in g.iterrows()}
+        by_k = {int(r["K"]): cell(r) for _, r in g.iterrows()}
         rows.append([f"`{method}`", f"`{g['formula'].iloc[0]}`", *[by_k.get(int(k), "-") for k in ks]])
     within = int(t["within"].sum())
-    return (_table(["method", "CPU formula", *[f"K = {k}: predicted / measured MB (ratio)" for k in ks]], rows)
-            + f"\n\n{within} of {len(t)} (method, K) within 15 % (MEHL b = "
-              f"{int(t[t['method'].str.startswith('mehl')]['b'].max())}, data batch "
-              f"{int(t['batch'].iloc[0])}; each in a fresh process, one measurement each).")
+    measured = "predicted / median [range] MB (ratio)" if repeated else "predicted / measured MB (ratio)"
+    blockwise = t[t["method"].map(lambda m: m in METHODS and METHODS[m].family == "mehl")]
+    each = (f"{int(t['repeats'].min())} fresh processes each, the ratio to their median" if repeated
+            else "each in a fresh process, one measurement each")
+    return (_table(["method", "CPU formula", *[f"K = {k}: {measured}" for k in ks]], rows)
+            + f"\n\n{within} of {len(t)} (method, K) within 15 % ("
+              + (f"MEHL b = {int(blockwise['b'].max())}, " if len(blockwise) else "")
+              + f"data batch {int(t['batch'].iloc[0])}; {each}).")
 
 
 def numerics_block(figures: Path, data: Path) -> str:

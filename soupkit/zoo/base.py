@@ -13,7 +13,19 @@ from soupkit.config import MAIN_TABLE_SETTINGS
 from soupkit.errors import ParameterError
 from soupkit.zoo.shifts import ShiftInfo
 
-__all__ = ["BaseZoo"]
+__all__ = ["BaseZoo", "image_input_shape"]
+
+
+def image_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of one input of ``model``, read from its image tower (open_clip's ``VisionTransformer`` and
+    ``ModifiedResNet`` carry ``image_size`` and a first convolution ``conv1``); 3 x 224 x 224 without one."""
+    tower = next((m for m in model.modules() if hasattr(m, "image_size") and isinstance(getattr(m, "conv1", None),
+                                                                                         nn.Conv2d)), None)
+    if tower is None:
+        return (3, 224, 224)
+    size = tower.image_size
+    height, width = (size[0], size[1]) if isinstance(size, (tuple, list)) else (size, size)
+    return (int(tower.conv1.in_channels), int(height), int(width))
 
 
 class BaseZoo(ABC):
@@ -78,6 +90,11 @@ class BaseZoo(ABC):
     def summary(self) -> dict[str, Any]:
         """One table row describing the zoo."""
         return {"zoo": self.describe()}
+
+    def input_shape(self, model: nn.Module | None = None) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one input image (no batch dimension), as the models take it; by default read from the
+        image tower of ``model`` (or of :meth:`make_model`, which builds one) with :func:`image_input_shape`."""
+        return image_input_shape(model if model is not None else self.make_model())
 
     @property
     def pretrained_path(self) -> Path | None:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -124,6 +125,11 @@ class Zoo(BaseZoo):
     def make_model(self) -> ViTClassifier:
         """An untrained classifier of the zoo's architecture, to ``load_state_dict`` a checkpoint into."""
         return build_classifier(self.config.model)
+
+    def input_shape(self, model: nn.Module | None = None) -> tuple[int, int, int]:
+        """``(in_channels, image_size, image_size)`` of the zoo's config (the ResNet's tower is padded larger)."""
+        cfg = self.config.model
+        return (cfg.in_channels, cfg.image_size, cfg.image_size)
 
     def summary(self) -> dict[str, Any]:
         """One row describing the zoo: architecture, parameters, task, K, linear probe and fine-tune test

@@ -24,7 +24,7 @@ from soupkit.methods.registry import DISPLAY, METHODS
 
 __all__ = ["OTHER_COLOUR", "family_colours", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
            "method_style", "family_handles", "mark_broken_axis", "device_title", "save_figure", "plot_main_table", "plot_shifts",
-           "plot_zoo_accuracies"]
+           "plot_zoo_accuracies", "plot_growing"]
 
 OTHER_COLOUR = "tab:gray"  # a name that is not a registered method
 DID_NOT_FIT = "did not fit (memory cap)"
@@ -419,5 +419,51 @@ def plot_zoo_accuracies(models: pd.DataFrame, uniform_test_accuracy: float, titl
     mark_broken_axis(ax, "x")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2 if probe_test_accuracy is None else 1,
               fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# the two modes of notebook 12 share the method's registry colour and differ in line and marker
+_GROWING_STYLE: dict[str, dict[str, Any]] = {"scratch": {"ls": "--", "marker": "s", "mfc": "white"},
+                                             "grown": {"ls": "-", "marker": "o"}}
+
+
+def plot_growing(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Notebook 12 (``soupkit.experiments.growing.growing_table``): against K, (a) test accuracy (%) with its 95 %
+    interval, grown and from scratch; (b) construction seconds: scratch, grown per step and grown cumulative;
+    (c) peak memory (MB) of each run."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colour = method_colour(str(table["method"].iloc[0])) if len(table) else OTHER_COLOUR
+    sizes = sorted(_numeric(table, "size").dropna().astype(int).unique())
+    for mode, style in _GROWING_STYLE.items():
+        rows = table[table["mode"] == mode].sort_values("size")
+        k = _numeric(rows, "size").to_numpy()
+        line = {"color": colour, **style}
+        acc = 100 * _numeric(rows, "test_accuracy").to_numpy()
+        # the two modes' intervals side by side (x nudged apart on the log axis), not two bands over each other
+        nudged = k * (1.04 if mode == "grown" else 1 / 1.04)
+        if {"test_low", "test_high"} <= set(rows.columns):
+            err = np.abs(np.vstack([acc - 100 * _numeric(rows, "test_low").to_numpy(),
+                                    100 * _numeric(rows, "test_high").to_numpy() - acc]))
+            axes[0].errorbar(nudged, acc, yerr=err, label=mode, capsize=3, **line)
+        else:
+            axes[0].plot(nudged, acc, label=mode, **line)
+        if mode == "grown":
+            axes[1].plot(k, _numeric(rows, "cumulative_seconds"), label="grown, cumulative", **line)
+            axes[1].plot(k, _numeric(rows, "seconds"), label="grown, this step", color=colour, ls=":", marker="o",
+                         mfc="white")
+        else:
+            axes[1].plot(k, _numeric(rows, "seconds"), label="scratch", **line)
+        axes[2].plot(k, _numeric(rows, "peak_memory_mb"), label=mode, **line)
+    labels = ("test accuracy (%), 95 % interval", "construction time (s)", "peak memory (MB)")
+    for ax, label in zip(axes, labels):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("models K")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    fig.suptitle(device_title(title), fontsize=10)
     fig.tight_layout()
     return fig

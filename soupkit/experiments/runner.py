@@ -23,7 +23,7 @@ Only parameters a notebook declares in its ``parameters`` cell are passed to it.
 ``<out>/figures/``, so a run never changes a tracked file. ``--update-committed`` (the maintainers' refresh of
 the committed results, for the presets in ``COMMITTED_FIGURES``) draws them under ``figures/`` instead and copies
 each executed notebook over ``notebooks/``.
-``EXTRA`` notebooks (10, the multi-seed study) run only when a preset's ``only`` or ``--only`` names them.
+``EXTRA`` notebooks (10, the multi-seed study; 12, MEHL-Soup+ grown with the sweep) run only when a preset's ``only`` or ``--only`` names them.
 
 The console shows one line per notebook started / done and, prefixed with the notebook's name, what its kernel
 writes to stderr: soupkit's one line per finished soup (``soupkit.runtime.progress``) and any warning; its stdout
@@ -63,16 +63,17 @@ __all__ = ["find_notebooks", "NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES
 # dependency order: the zoo first, then everything that reads it
 NOTEBOOKS = [
     "01_zoo", "02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
-    "07_ablations", "08_heldout_size", "09_resnet", "10_seeds", "11_claims",
+    "07_ablations", "08_heldout_size", "09_resnet", "10_seeds", "11_claims", "12_growing",
 ]
 # run only when named, by a preset's ``only`` list or by --only (longer than a default run; `make test`'s nbval
 # groups, --stages, leave them out too)
-EXTRA: tuple[str, ...] = ("10_seeds",)
+EXTRA: tuple[str, ...] = ("10_seeds", "12_growing")
 # what each notebook reads from another's outputs (all others build their own inputs)
 DEPENDS: dict[str, tuple[str, ...]] = {
     "02_main_table": ("01_zoo",), "04_top_models": ("01_zoo",), "05_coefficients": ("02_main_table",),
     "06_finetuning_cost": ("01_zoo",), "07_ablations": ("01_zoo",), "08_heldout_size": ("01_zoo",),
     "10_seeds": (),  # builds its own zoos
+    "12_growing": ("01_zoo",),
     # the claims read every study's records (and notebook 10's when they exist, e.g. committed before)
     "11_claims": ("02_main_table", "03_larger_model", "04_top_models", "05_coefficients", "06_finetuning_cost",
                   "07_ablations", "09_resnet"),

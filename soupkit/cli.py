@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig
+from soupkit.config import MAIN_TABLE_SETTINGS, SoupConfig, parse_dtype
 from soupkit.engine.batches import make_loader
-from soupkit.errors import MissingPretrainedError, OneLineArgumentParser, SoupkitError
+from soupkit.errors import MissingPretrainedError, OneLineArgumentParser, OptionError, SoupkitError
 from soupkit.methods.registry import METHODS, config_for, make_soup
 from soupkit.pool.checkpoint_pool import CheckpointPool
 
@@ -54,10 +54,10 @@ def parse_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     key, low = key.strip(), raw.strip().lower()
     if key == "dtype":
-        dtype = getattr(torch, low, None)
-        if not isinstance(dtype, torch.dtype):
-            raise argparse.ArgumentTypeError(f"dtype={raw!r} is not a torch dtype (float32, bfloat16, ...)")
-        return key, dtype
+        try:  # the one dtype parser (bf16 / fp16 / fp32 or a torch dtype's name)
+            return key, parse_dtype(raw.strip(), "dtype")
+        except OptionError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     if low in ("true", "false"):
         return key, low == "true"
     if low in ("none", "null"):

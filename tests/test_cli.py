@@ -23,6 +23,7 @@ def test_option_values_are_typed():
     assert parse_option("clip_grad_norm=none") == ("clip_grad_norm", None)
     assert parse_option("layer_grouping=module") == ("layer_grouping", "module")
     assert parse_option("dtype=bfloat16") == ("dtype", torch.bfloat16)
+    assert parse_option("dtype=bf16") == parse_option("dtype=BFloat16") == ("dtype", torch.bfloat16)
     assert parse_option("run_dir=runs/a=b") == ("run_dir", "runs/a=b")
     for bad in ("lr", "=3", "dtype=float17"):
         with pytest.raises(argparse.ArgumentTypeError):

@@ -12,7 +12,7 @@ __all__ = ["SoupkitError", "CheckpointError", "DataError", "DivergenceError", "R
            "DuplicateCheckpointWarning", "ParameterError", "MissingInputError", "CheckpointLayoutError",
            "ZooMismatchError", "DownloadError", "IntegrityError", "MemoryCapExceeded", "SweepError", "PlanError",
            "OptionError", "UnknownOptionError", "MissingPretrainedError",
-           "WarmStartError"]
+           "WarmStartError", "GrowingError"]
 
 
 class SoupkitError(Exception):
@@ -112,3 +112,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class GrowingError(SoupkitError, ValueError):
+    """A growing study (soupkit.experiments.growing) that cannot run as asked (sizes, method)."""

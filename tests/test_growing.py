@@ -12,7 +12,8 @@ import torch
 
 from soupkit.errors import SoupkitError
 from soupkit.experiments import growing
-from soupkit.experiments.growing import GrowingError, growing_specs, growing_study, record_path, result_dir
+from soupkit.errors import GrowingError
+from soupkit.experiments.growing import growing_specs, growing_study, record_path, result_dir
 from soupkit.experiments.run import read_correct, write_predictions
 from soupkit.experiments.stats import paired_difference
 

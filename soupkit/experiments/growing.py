@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from soupkit.errors import SoupkitError
+from soupkit.errors import GrowingError
 from soupkit.experiments.results import with_test_intervals, write_csv
 from soupkit.experiments.run import (RunSpec, main_table_options, predictions_path, read_correct, run_isolated,
                                      run_method)
@@ -33,16 +33,12 @@ from soupkit.experiments.stats import paired_difference
 from soupkit.methods.registry import METHODS
 from soupkit.zoo.sources import open_zoo
 
-__all__ = ["MODES", "GrowingError", "record_path", "result_dir", "is_done", "growing_specs", "growing_study",
+__all__ = ["MODES", "record_path", "result_dir", "is_done", "growing_specs", "growing_study",
            "growing_table"]
 
 MODES = ("scratch", "grown")
 # only the blockwise methods can be grown (warm_start is MEHL's: blocks of b models, the new ones first)
 _GROWABLE_FAMILY = "mehl"
-
-
-class GrowingError(SoupkitError, ValueError):
-    """A growing study that cannot run as asked (sizes, method)."""
 
 
 def record_path(out_dir: str | os.PathLike, mode: str, size: int) -> Path:

@@ -110,3 +110,33 @@ def tied_setup():
     x, y = make_data(d=6, seed=1)
     base, states = finetunes(TiedNet, x, y, k=4)
     return base, states, batches(x, y)
+
+
+def install_tiny_arch(monkeypatch, directory, k: int, built: dict | None = None):
+    """``--arch``'s builders replaced by BNNet and in-memory splits (200 points: 100 / 60 / 40); ``k`` fine-tunes
+    written to ``directory`` as ``model_{i}.pt``. ``built`` (if given) records what the CLI asked to build."""
+    from torch.utils.data import TensorDataset  # noqa: PLC0415
+
+    from soupkit.zoo import clip as clip_models, realdata  # noqa: PLC0415
+
+    x, y = make_data(n=200)
+    _, states = finetunes(BNNet, x, y, k=k)
+    for i, s in enumerate(states):
+        torch.save(s, directory / f"model_{i}.pt")
+    record = built if built is not None else {}
+
+    def build(num_classes, arch, *, keep_text_leftovers=False, **_):
+        record.update(num_classes=num_classes, arch=arch, keep=keep_text_leftovers)
+        return BNNet()
+
+    def splits(dataset, root, transform, split_file, *, seed=0, **_):
+        record.update(dataset=dataset, root=root, split_file=split_file)
+        part = lambda a, b: TensorDataset(x[a:b], y[a:b])  # noqa: E731
+        split = realdata.HeldoutSplit((), (), 0, "test", seed, "")
+        return realdata.DataSplits(part(0, 100), part(100, 160), part(160, 200), ("a", "b", "c"), split)
+
+    monkeypatch.setattr(clip_models, "build_model_soups_model", build)
+    monkeypatch.setattr(clip_models, "preprocess_config", lambda model: {})
+    monkeypatch.setattr(realdata, "clip_transform", lambda cfg, is_train=False: None)
+    monkeypatch.setattr(realdata, "dataset_splits", splits)
+    return directory

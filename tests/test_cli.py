@@ -8,12 +8,10 @@ import json
 import pytest
 from pathlib import Path
 import torch
-from torch.utils.data import TensorDataset
 
 import soupkit
-from soupkit.zoo import clip as clip_models, realdata
 from soupkit.cli import expand_pool, main, parse_option
-from conftest import BNNet, finetunes, make_data
+from conftest import install_tiny_arch
 
 
 def test_option_values_are_typed():
@@ -60,27 +58,8 @@ def test_argument_errors_exit_before_any_work(argv, message, capsys):
 @pytest.fixture
 def tiny_arch(monkeypatch, tmp_path):
     """``--arch``'s builders replaced by BNNet and in-memory splits; the pool written as .pt files."""
-    x, y = make_data(n=200)
-    _, states = finetunes(BNNet, x, y, k=4)
-    for i, s in enumerate(states):
-        torch.save(s, tmp_path / f"model_{i}.pt")
-    built = {}
-
-    def build(num_classes, arch, *, keep_text_leftovers=False, **_):
-        built.update(num_classes=num_classes, arch=arch, keep=keep_text_leftovers)
-        return BNNet()
-
-    def splits(dataset, root, transform, split_file, *, seed=0, **_):
-        built.update(dataset=dataset, root=root, split_file=split_file)
-        part = lambda a, b: TensorDataset(x[a:b], y[a:b])  # noqa: E731
-        split = realdata.HeldoutSplit((), (), 0, "test", seed, "")
-        return realdata.DataSplits(part(0, 100), part(100, 160), part(160, 200), ("a", "b", "c"), split)
-
-    monkeypatch.setattr(clip_models, "build_model_soups_model", build)
-    monkeypatch.setattr(clip_models, "preprocess_config", lambda model: {})
-    monkeypatch.setattr(realdata, "clip_transform", lambda cfg, is_train=False: None)
-    monkeypatch.setattr(realdata, "dataset_splits", splits)
-    return tmp_path, built
+    built: dict = {}
+    return install_tiny_arch(monkeypatch, tmp_path, k=4, built=built), built
 
 
 def test_arch_path_runs_a_soup_and_writes_the_result(tiny_arch):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import soupkit
 from soupkit import CheckpointPool, make_soup
@@ -16,7 +15,7 @@ from soupkit.engine.layers import layer_map
 from soupkit.errors import OptionError, ResumeError, WarmStartError
 from soupkit.methods import hyperplane
 from soupkit.methods.run_dir import RunDir
-from conftest import BNNet, batches, finetunes, make_data, save_files
+from conftest import BNNet, batches, finetunes, install_tiny_arch, make_data, save_files
 
 FAST = dict(progress=False, inner_iterations=4, model_batch_size=2, seed=1)
 
@@ -244,23 +243,7 @@ def test_at_most_b_models_are_resident_during_the_extension(setup):
 @pytest.fixture
 def tiny_arch(monkeypatch, tmp_path):
     """``--arch``'s builders replaced by BNNet and in-memory splits; six fine-tunes written as .pt files."""
-    from soupkit.zoo import clip as clip_models, realdata
-
-    x, y = make_data(n=200)
-    _, states = finetunes(BNNet, x, y, k=6)
-    for i, s in enumerate(states):
-        torch.save(s, tmp_path / f"model_{i}.pt")
-
-    def splits(dataset, root, transform, split_file, *, seed=0, **_):
-        part = lambda a, b: TensorDataset(x[a:b], y[a:b])  # noqa: E731
-        split = realdata.HeldoutSplit((), (), 0, "test", seed, "")
-        return realdata.DataSplits(part(0, 100), part(100, 160), part(160, 200), ("a", "b", "c"), split)
-
-    monkeypatch.setattr(clip_models, "build_model_soups_model", lambda *a, **k: BNNet())
-    monkeypatch.setattr(clip_models, "preprocess_config", lambda model: {})
-    monkeypatch.setattr(realdata, "clip_transform", lambda cfg, is_train=False: None)
-    monkeypatch.setattr(realdata, "dataset_splits", splits)
-    return tmp_path
+    return install_tiny_arch(monkeypatch, tmp_path, k=6)
 
 
 def test_the_command_line_extends_a_run_dir(tiny_arch, capsys):

@@ -95,3 +95,22 @@ def test_a_column_named_after_any_registered_method_is_an_accuracy() -> None:
     assert column_kind("Model Stock", values) == "accuracy"
     assert column_kind("Task arithmetic", values) == "accuracy"
     assert column_kind("something else", values) == "other"
+
+
+def test_extra_notebooks_tables_left_out_unless_asked(tmp_path: Path) -> None:
+    """`make test` and the default run leave out the EXTRA notebooks (10, 12): their committed tables are not
+    compared, so a rerun without growing.csv or seeds_*.csv passes; --with-extra compares them (and fails)."""
+    from soupkit.experiments.runner import EXTRA, EXTRA_TABLES
+
+    assert set(EXTRA_TABLES) == set(EXTRA)
+    committed = Path(__file__).resolve().parents[1] / "figures"
+    for globs in EXTRA_TABLES.values():  # every glob names a committed table (a typo would exclude nothing)
+        assert all(list(committed.glob(g)) for g in globs), globs
+    rerun = tmp_path / "rerun"
+    shutil.copytree(committed, rerun)
+    for globs in EXTRA_TABLES.values():
+        for g in globs:
+            for p in rerun.glob(g):
+                p.unlink()
+    assert main(["check", str(committed), str(rerun)]) == 0
+    assert main(["check", str(committed), str(rerun), "--with-extra"]) == 1

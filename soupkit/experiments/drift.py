@@ -26,6 +26,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from soupkit.experiments.runner import EXTRA_TABLES
 from soupkit.methods.registry import DISPLAY
 
 __all__ = ["Drift", "describe_tables", "column_kind", "compare_tables", "compare_dirs", "load_tolerances", "derive_tolerances",
@@ -235,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--tolerances", default=str(TOLERANCE_FILE))
     check.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                        help="committed tables not to compare (of notebooks the rerun did not run); repeatable")
+    check.add_argument("--with-extra", action="store_true",
+                       help="also compare the tables of the EXTRA notebooks (runner.EXTRA_TABLES: 10, 12), "
+                            "left out by default as `make test` and the default run do not run them")
     derive = sub.add_parser("derive", help="write soupkit/experiments/tolerances.csv from measured spreads")
     derive.add_argument("--seeds", help="seeds_summary.csv of the multi-seed study")
     derive.add_argument("--path-a", action="append", default=[], help="tables of one float path (repeatable)")
@@ -245,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(derive_tolerances(args.seeds, list(zip(args.path_a, args.path_b)), args.out).to_string(index=False))
         return 0
     tolerances = load_tolerances(args.tolerances)
+    if not args.with_extra:
+        args.exclude += [glob for globs in EXTRA_TABLES.values() for glob in globs]
     drifts, skipped = compare_dirs(args.committed, args.rerun, tolerances, args.exclude)
     compared = sorted(p.name for p in Path(args.committed).glob("*.csv")
                       if not any(fnmatch(p.name, g) for g in args.exclude))

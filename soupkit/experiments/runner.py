@@ -57,7 +57,7 @@ import yaml
 
 from soupkit.errors import OneLineArgumentParser
 
-__all__ = ["find_notebooks", "NOTEBOOKS", "EXTRA", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
+__all__ = ["find_notebooks", "NOTEBOOKS", "EXTRA", "EXTRA_TABLES", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
            "notebook_parameters", "pin_metadata", "run_notebooks", "main"]
 
 # dependency order: the zoo first, then everything that reads it
@@ -68,6 +68,8 @@ NOTEBOOKS = [
 # run only when named, by a preset's ``only`` list or by --only (longer than a default run; `make test`'s nbval
 # groups, --stages, leave them out too)
 EXTRA: tuple[str, ...] = ("10_seeds", "12_growing")
+# the committed tables (globs in figures/) each EXTRA notebook writes: a rerun without them has none to compare
+EXTRA_TABLES: dict[str, tuple[str, ...]] = {"10_seeds": ("seeds_*.csv",), "12_growing": ("growing.csv",)}
 # what each notebook reads from another's outputs (all others build their own inputs)
 DEPENDS: dict[str, tuple[str, ...]] = {
     "02_main_table": ("01_zoo",), "04_top_models": ("01_zoo",), "05_coefficients": ("02_main_table",),

@@ -107,8 +107,17 @@ def test_prepare_zoo_registers_the_downloaded_checkpoints(inputs, tmp_path):
     zoo = prepare_zoo(tmp_path / "zoo", "model-soups", num_models=SMALL.num_models,
                       checkpoint_dir=str(tmp_path / "ckpt"), dataset="imagenet", data_root=str(inputs / "imagenet"),
                       split_file=str(tmp_path / "split.json"), shift_root=str(inputs / "shifts"),
-                      arch=rehearsal.VIT_B32, workers=0, progress=False)
+                      arch=rehearsal.VIT_B32, workers=0, progress=False,
+                      pretrained=str(inputs / "release" / rehearsal.ZEROSHOT_NAME))
     assert zoo.spec.num_classes == len(rehearsal.WNIDS)  # from the heads, not ImageNet's 1000
+    # θ_0 stand-in: the start every release file is a perturbation of, in their layout (the pool checks it)
+    from soupkit.pool.checkpoint_pool import CheckpointPool
+
+    theta0 = CheckpointPool(zoo.paths, pretrained=zoo.pretrained_path).load_pretrained()
+    first = torch.load(zoo.paths[0], weights_only=True)
+    assert set(theta0) == set(first) and not torch.equal(theta0["model.visual.proj"], first["model.visual.proj"])
+    gap = (first["model.visual.proj"] - theta0["model.visual.proj"]).norm() / theta0["model.visual.proj"].norm()
+    assert gap < 0.2  # model 0 is θ_0 + 5 % noise (an unrelated tower would be ~1.4 away)
     assert len(zoo.records) == 2 and all(0 <= r["heldout_acc"] <= 1 for r in zoo.records)
     assert zoo._keeps_text  # read unconverted: the classifier keeps the text leftovers
     x, _ = next(iter(zoo.loaders(batch_size=4)["learn"]))

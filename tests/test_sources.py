@@ -100,6 +100,14 @@ def test_sweep_source_takes_the_sweep_records(tiny, tmp_path):
                       num_classes=3, data_root=str(tiny / "imagenet"), split_file=str(tiny / "split.json"),
                       arch=TINY, workers=0, progress=False)
     assert [r["finetune_seconds"] for r in zoo.records] == [10.0, 11.0]
+    assert zoo.pretrained_path is None  # no init.safetensors: θ_0 unknown
+    save_state_dict(model.state_dict(), sweep / "init.safetensors")  # the sweep's start point, once it is there
+    again = prepare_zoo(tmp_path / "zoo", "sweep", num_models=2, checkpoint_dir=str(sweep), dataset="imagenet",
+                        num_classes=3, data_root=str(tiny / "imagenet"), split_file=str(tiny / "split.json"),
+                        arch=TINY, workers=0, progress=False)  # the same zoo: θ_0 is not part of its identity
+    assert again.pretrained_path == (sweep / "init.safetensors").resolve()
+    with pytest.raises(MissingInputError, match="soupkit.zoo.zeroshot"):
+        _prepare(tiny, tmp_path / "zoo2", pretrained=str(tmp_path / "zeroshot.safetensors"))
     with pytest.raises(MissingInputError, match="finished models"):  # a FileNotFoundError too
         SourceSpec("sweep", str(sweep), 5, "imagenet", "x", "y").checkpoint_paths()
 

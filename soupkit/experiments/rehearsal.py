@@ -9,7 +9,8 @@ Under ``DIR`` (the same bytes on every run: fixed seeds):
 - ``release/``: ``model_{i}.pt`` as model-soups saves them (``torch.save`` of its ``ModelWrapper``'s state dict:
   ``model.visual.*``, the text-tower leftovers, ``classification_head.*``) and ``checksums.json``; they reach
   ``checkpoints/model-soups/`` through ``python -m soupkit.zoo.hub`` from a local HTTP server (127.0.0.1, an
-  ephemeral port), with those file names and checksums;
+  ephemeral port), with those file names and checksums; ``zeroshot.safetensors``, their start point, is copied
+  beside them (where a user's ``python -m soupkit.zoo.zeroshot`` writes θ_0; Model Stock, task arithmetic);
 - ``imagenet/{train,val}/<wnid>/*.JPEG`` (ImageFolder; one greyscale and one CMYK JPEG, as ImageNet has) and
   ``imagenet_98_idxs.npy`` (model-soups' held-out mask: 1 = held out, 26 per class);
 - ``shifts/``: the five distribution-shift test sets of model-soups in their released layouts
@@ -33,6 +34,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -44,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from soupkit.io import atomic_write_json, sha256_file
+from soupkit.pool.formats import save_state_dict
 
 __all__ = ["ARCHS", "Sizes", "write_configs", "write_model_soups_release", "write_imagenet", "write_shifts",
            "write_cifar", "write_sweeps", "serve", "download_release", "make_inputs", "setup", "main"]
@@ -83,6 +86,7 @@ SHIFT_PER_CLASS = 2  # images per class of every stand-in shift
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MASK_NAME = "imagenet_98_idxs.npy"
 CHECKSUMS_NAME = "checksums.json"
+ZEROSHOT_NAME = "zeroshot.safetensors"  # θ_0 of the stand-in checkpoints (paper.yaml: the same name)
 HELDOUT_PER_CLASS = 26  # model-soups' held-out images per ImageNet class
 SEED = 0
 
@@ -141,7 +145,8 @@ def _centroid_head(clip: Any, imagenet: Path, num_classes: int) -> Any:
 def write_model_soups_release(folder: Path, num_models: int, imagenet: Path, num_classes: int = len(WNIDS),
                               seed: int = SEED) -> dict[str, str]:
     """``model_{i}.pt`` (i < num_models) in the layout model-soups saves and ``checksums.json``; returns
-    ``{file name: sha256}``.
+    ``{file name: sha256}``. Their start point goes to :data:`ZEROSHOT_NAME` beside them (not part of the
+    release, as model-soups ships none: it stands in for ``python -m soupkit.zoo.zeroshot``'s file).
 
     Every model is one random CLIP image tower (the text transformer deleted, as ``ModelWrapper`` does, which
     leaves six text tensors) with a nearest-centroid head on ``imagenet``, plus a seeded perturbation growing with
@@ -159,6 +164,7 @@ def write_model_soups_release(folder: Path, num_models: int, imagenet: Path, num
     base = {f"model.{k}": v.detach().clone() for k, v in clip.state_dict().items()}
     base["classification_head.weight"] = head
     base["classification_head.bias"] = torch.zeros(num_classes)
+    save_state_dict(base, folder / ZEROSHOT_NAME, metadata={"kind": "zero-shot stand-in"})
     checksums = {}
     for i in range(num_models):
         noise = torch.Generator().manual_seed(seed * 1000 + i + 1)
@@ -434,7 +440,7 @@ def make_inputs(out: Path, sizes: Sizes | None = None) -> dict[str, Path]:
     paths = {"configs": configs, "release": out / "release", "checkpoints": out / "checkpoints" / "model-soups",
              "imagenet": out / "imagenet", "cifar": out / "cifar", "zoos": out / "zoos", "shifts": out / "shifts"}
     stamp = out / "done.json"
-    wanted = {"version": 2, "sizes": asdict(sizes), "archs": ARCHS, "seed": SEED}  # version: of this writer
+    wanted = {"version": 3, "sizes": asdict(sizes), "archs": ARCHS, "seed": SEED}  # version: of this writer
     done = json.loads(stamp.read_text()) if stamp.is_file() else None
     if done != json.loads(json.dumps(wanted)):
         if done is not None:
@@ -458,6 +464,8 @@ def make_inputs(out: Path, sizes: Sizes | None = None) -> dict[str, Path]:
     for path in sorted(paths["checkpoints"].glob("*")) if paths["checkpoints"].is_dir() else []:
         path.unlink()
     download_release(paths["release"], paths["checkpoints"], sizes.num_models)
+    # the user's own step after the download (presets/README.md, section 1): θ_0 beside the checkpoints
+    shutil.copyfile(paths["release"] / ZEROSHOT_NAME, paths["checkpoints"] / ZEROSHOT_NAME)
     return paths
 
 

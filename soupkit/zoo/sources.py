@@ -224,9 +224,9 @@ class ExternalZoo(BaseZoo):
 
 def _identity_of(spec: dict[str, Any]) -> dict[str, Any]:
     """What makes two ``source.json`` the same zoo: every field (a field a file predates at its default) but the
-    shift root, which changes no model's record."""
+    shift root and θ_0, which change no model's record (either can be given or moved later)."""
     defaults = {f.name: f.default for f in fields(SourceSpec) if f.default is not MISSING}
-    return {k: v for k, v in {**defaults, **spec}.items() if k != "shift_root"}
+    return {k: v for k, v in {**defaults, **spec}.items() if k not in ("shift_root", "pretrained")}
 
 
 def _identity(path: Path) -> dict[str, Any]:
@@ -295,8 +295,10 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
         source: ``"embedded"`` (``soupkit.zoo.build_zoo`` with K = num_models; ``threads``, ``search_seed``)
             or ``"model-soups"`` / ``"sweep"`` (a :class:`SourceSpec` from the remaining arguments; paths are
             made absolute).
-        pretrained: model-soups / sweep: the checkpoint the fine-tunes started from, if known (the embedded
-            zoo has its own, ``backbone.safetensors``); Model Stock and task arithmetic need it.
+        pretrained: model-soups / sweep: the checkpoint the fine-tunes started from (θ_0); Model Stock and task
+            arithmetic need it. "" = a sweep's own start point (``checkpoint_dir/init.safetensors``) where it
+            exists, else none. model-soups releases none: ``python -m soupkit.zoo.zeroshot`` writes CLIP's
+            zero-shot classifier, their fine-tunes' start. The embedded zoo has its own (``backbone.safetensors``).
         shift_root: ImageNet's shifted test sets (``SourceSpec.shift_root``; "" = none). The embedded zoo
             always has its own shifts (``soupkit.zoo.embedded_data.SHIFTS``) and ignores it.
     """
@@ -314,6 +316,16 @@ def prepare_zoo(out_dir: str | os.PathLike, source: str = "embedded", *, num_mod
     split = split_file or (str(Path(checkpoint_dir) / "split.json") if source == "sweep" else "")
     if not split:
         raise ParameterError("source 'model-soups' needs split_file (where the held-out split is written and re-read)")
+    from soupkit.zoo.sweep import INIT_NAME  # noqa: PLC0415 (the sweep's trainer is not needed to read a zoo)
+
+    if not pretrained and source == "sweep" and (Path(checkpoint_dir) / INIT_NAME).is_file():
+        pretrained = str(Path(checkpoint_dir) / INIT_NAME)
+    if pretrained and not Path(pretrained).is_file():
+        hint = (f"; write CLIP's zero-shot classifier there with `python -m soupkit.zoo.zeroshot --arch {arch} "
+                f"--pretrained openai --out {pretrained}`" if source == "model-soups" else "")
+        raise MissingInputError(f"pretrained={pretrained!r}: no such file (θ_0, the checkpoint the fine-tunes "
+                                f"started from){hint}; or pass pretrained=\"\" (Model Stock and task arithmetic "
+                                "then report 'no pretrained model')")
     spec = SourceSpec(source, str(Path(checkpoint_dir).resolve()), num_models, dataset, str(Path(data_root).resolve()),
                       str(Path(split).resolve()), arch, num_classes, search_seed, workers,
                       str(Path(pretrained).resolve()) if pretrained else "",

@@ -37,6 +37,7 @@ from soupkit.pool.formats import load_state_dict, save_state_dict
 from soupkit.runtime._compat import import_open_clip
 from soupkit.zoo.clip import SoupClassifier, classifier_from_clip, create_clip, load_weights, preprocess_config
 from soupkit.zoo.realdata import DataSplits, clip_transform, dataset_splits
+from soupkit.zoo.zeroshot import zeroshot_head
 
 __all__ = ["SweepConfig", "sample_hparams", "run_sweep", "main"]
 
@@ -107,12 +108,8 @@ def _initial_classifier(clip: nn.Module, classes: Sequence[str], config: SweepCo
     head_init = config.head_init if config.head_init != "auto" else ("zeroshot" if config.pretrained else "random")
     head = None
     if head_init == "zeroshot":
-        open_clip = import_open_clip()
-        with torch.no_grad():
-            text = open_clip.build_zero_shot_classifier(
-                clip, open_clip.get_tokenizer(config.arch), list(classes),
-                open_clip.SIMPLE_IMAGENET_TEMPLATES, device=device)  # [D, C], unit columns
-            head = (text.T * clip.logit_scale.exp()).float()
+        head = zeroshot_head(clip, config.arch, classes, import_open_clip().SIMPLE_IMAGENET_TEMPLATES,
+                             device).to(device)
     elif head_init != "random":
         raise ValueError(f"head_init must be 'zeroshot', 'random' or 'auto', got {config.head_init!r}")
     torch.manual_seed(config.seed)  # a random head is the same for every model and every restart

@@ -206,3 +206,12 @@ def test_save_figure_writes_what_savefig_writes_and_leaves_no_temp_file(tmp_path
     plt.close(fig)
     assert saved.read_bytes() == (tmp_path / "direct.png").read_bytes()
     assert [p.name for p in saved.parent.iterdir()] == ["figure.png"]
+
+
+def test_run_title_names_the_zoo_its_held_out_images_and_device():
+    from soupkit.experiments.plots import run_title
+
+    assert run_title("embedded zoo: 32 ViT fine-tunes on Animal-MNIST", 2000, "cpu") == \
+        "Embedded zoo: 32 ViT fine-tunes on Animal-MNIST, 2000 held-out images, CPU"
+    assert run_title("model-soups zoo: 72 ViT-B-32-quickgelu fine-tunes on imagenet", None, "cuda:0") == \
+        "Model-soups zoo: 72 ViT-B-32-quickgelu fine-tunes on imagenet, all held-out images, GPU"

@@ -23,7 +23,7 @@ from soupkit.io import atomic_write
 from soupkit.methods.registry import DISPLAY, METHODS
 
 __all__ = ["OTHER_COLOUR", "family_colours", "DID_NOT_FIT", "BROKEN_AXIS_GID", "method_family", "method_colour",
-           "method_style", "family_handles", "mark_broken_axis", "device_title", "save_figure", "plot_main_table", "plot_shifts",
+           "method_style", "family_handles", "mark_broken_axis", "device_title", "run_title", "save_figure", "plot_main_table", "plot_shifts",
            "plot_zoo_accuracies", "plot_growing"]
 
 OTHER_COLOUR = "tab:gray"  # a name that is not a registered method
@@ -110,6 +110,13 @@ def device_title(text: str) -> str:
     # not a build tag such as torch's "2.13.0+cpu"
     text = re.sub(r"(?<![+\w])cpu\b", "CPU", str(text))
     return re.sub(r"(?<![+\w])cuda(:\d+)?\b", "GPU", text)
+
+
+def run_title(zoo_description: str, heldout_size: int | None, device: str) -> str:
+    """A run's figure title from ``BaseZoo.describe()``, the held-out images used (None: all) and the device:
+    "Embedded zoo: 32 ViT fine-tunes on Animal-MNIST, 2000 held-out images, CPU"."""
+    held = "all" if heldout_size is None else f"{heldout_size}"
+    return device_title(f"{zoo_description[:1].upper()}{zoo_description[1:]}, {held} held-out images, {device}")
 
 
 def legend_below(fig: plt.Figure, handles: Sequence[Any], ncol: int | None = None, **kw: Any) -> None:

@@ -108,8 +108,7 @@ def _initial_classifier(clip: nn.Module, classes: Sequence[str], config: SweepCo
     head_init = config.head_init if config.head_init != "auto" else ("zeroshot" if config.pretrained else "random")
     head = None
     if head_init == "zeroshot":
-        head = zeroshot_head(clip, config.arch, classes, import_open_clip().SIMPLE_IMAGENET_TEMPLATES,
-                             device).to(device)
+        head = zeroshot_head(clip, config.arch, classes, import_open_clip().SIMPLE_IMAGENET_TEMPLATES, device)
     elif head_init != "random":
         raise ValueError(f"head_init must be 'zeroshot', 'random' or 'auto', got {config.head_init!r}")
     torch.manual_seed(config.seed)  # a random head is the same for every model and every restart

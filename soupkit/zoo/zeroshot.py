@@ -31,13 +31,13 @@ Template = str | Callable[[str], str]
 
 def zeroshot_head(clip: nn.Module, arch: str, classnames: Sequence[str], templates: Sequence[Template],
                   device: str | torch.device = "cpu", progress: bool = False) -> Tensor:
-    """Head weight ``[C, D]``: per class the unit mean of the unit text embeddings of ``templates`` filled with
-    its name, times ``exp(clip.logit_scale)`` (model-soups' zero-shot head; the bias is 0)."""
+    """Head weight ``[C, D]`` on ``clip``'s device: per class the unit mean of the unit text embeddings of
+    ``templates`` filled with its name, times ``exp(clip.logit_scale)`` (model-soups' zero-shot head; bias 0)."""
     open_clip = import_open_clip()
     with torch.no_grad():
         text = open_clip.build_zero_shot_classifier(clip, open_clip.get_tokenizer(arch), list(classnames),
                                                     list(templates), device=device, use_tqdm=progress)  # [D, C]
-        return (text.T * clip.logit_scale.exp()).float().cpu()
+        return (text.T * clip.logit_scale.exp()).float()
 
 
 def zeroshot_state_dict(arch: str = MODEL_SOUPS_ARCH, pretrained: str | None = "openai",
@@ -52,7 +52,7 @@ def zeroshot_state_dict(arch: str = MODEL_SOUPS_ARCH, pretrained: str | None = "
     clip = create_clip(arch, pretrained, device).eval()
     head = zeroshot_head(clip, arch, classnames, templates, device, progress)
     model = classifier_from_clip(clip, len(classnames), keep_text_leftovers=True, head_weight=head)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def write_zeroshot(out: str | os.PathLike, arch: str = MODEL_SOUPS_ARCH, pretrained: str | None = "openai",

@@ -43,20 +43,19 @@ setup: $(STAMP) $(LAB_SETTINGS) $(KERNEL_CONFIG)
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=.
 
-# nbval re-executes every notebook on a copy in a temporary folder, beside a copy of data/ (the committed benchmark
-# results notebook 11 reads; the committed notebooks, figures/ and outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.experiments.drift compares
-# the rerun's tables with the committed figures/*.csv within the measured tolerances of soupkit/experiments/tolerances.csv.
-# Groups of notebooks (soupkit.experiments.runner --stages) run one after another, JOBS notebooks at once.
+# Unit tests run JOBS at once (pytest-xdist). nbval then re-executes every notebook on a copy in a temporary folder,
+# beside a copy of data/ (the committed benchmark results notebook 11 reads; the committed notebooks, figures/ and
+# outputs/ stay untouched) and compares what does not depend on float rounding; then soupkit.experiments.drift
+# compares the rerun's tables with the committed figures/*.csv within the measured tolerances of
+# soupkit/experiments/tolerances.csv. `runner --nbval` checks JOBS notebooks at once, one pytest process each, every
+# notebook as soon as the notebooks it reads are done (runner.DEPENDS; no barrier between groups).
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(JOBS) tests
 	$(MAKE) --no-print-directory install-check
-	$(BIN)/python -m soupkit.experiments.runner --stages > $(VENV)/nbval-stages
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; mkdir -p "$$tmp/notebooks"; \
-	cp notebooks/*.ipynb "$$tmp/notebooks/"; cp -r data "$$tmp/"; root=$$(pwd); \
-	while read -r group; do \
-	  ( cd "$$tmp" && OMP_NUM_THREADS=$$(( $$(nproc) / $(JOBS) > 0 ? $$(nproc) / $(JOBS) : 1 )) \
-	    "$$root/$(BIN)/python" -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval --nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) $$group < /dev/null ) || exit 1; \
-	done < $(VENV)/nbval-stages; \
+	cp notebooks/*.ipynb "$$tmp/notebooks/"; cp -r data "$$tmp/"; \
+	$(BIN)/python -m soupkit.experiments.runner --nbval --notebooks "$$tmp/notebooks" --jobs $(JOBS) \
+	  --nbval-cell-timeout $(NBVAL_CELL_TIMEOUT) < /dev/null; \
 	$(BIN)/python -m soupkit.experiments.drift check figures "$$tmp/figures" --exclude "claims.csv"
 
 # the library as users install it: `pip install .` (not editable, no extras: torch, safetensors, numpy, tqdm) into

@@ -3,6 +3,7 @@
     python -m soupkit.experiments.runner --preset embedded --out outputs --jobs 2  # what `make reproduce` runs
     python -m soupkit.experiments.runner --preset smoke --out outputs/smoke --only 02_main_table
     python -m soupkit.experiments.runner --stages                                  # notebook groups that may run at once
+    python -m soupkit.experiments.runner --nbval --notebooks /tmp/copy/notebooks --jobs 2   # what `make test` runs
     python -m soupkit.experiments.runner --preset paper --params 02_main_table > p.yaml   # one notebook: papermill -f p.yaml
 
 A preset is ``presets/<name>.yaml``::
@@ -40,6 +41,7 @@ With ``jobs > 1`` notebooks whose inputs are ready run side by side (``DEPENDS``
 09 need nothing, 05 reads 02's soups, the rest read 01's zoo), each kernel with ``cpu_count // jobs`` torch
 threads; results do not depend on it (zoos fix their own thread count). A failed notebook stops only the
 notebooks that depend on it; the others finish, and the runner then raises with every failure.
+``--nbval`` schedules ``make test``'s nbval checks the same way (one pytest process per notebook).
 """
 from __future__ import annotations
 
@@ -51,14 +53,15 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
 from soupkit.errors import OneLineArgumentParser
 
 __all__ = ["find_notebooks", "NOTEBOOKS", "EXTRA", "EXTRA_TABLES", "DEPENDS", "COMMITTED_FIGURES", "KERNELSPEC", "stages", "load_preset",
-           "notebook_parameters", "pin_metadata", "run_notebooks", "main"]
+           "notebook_parameters", "pin_metadata", "run_in_order", "run_notebooks", "nbval_command", "check_notebooks",
+           "main"]
 
 # dependency order: the zoo first, then everything that reads it
 NOTEBOOKS = [
@@ -242,6 +245,48 @@ def _select(spec: dict[str, Any], only: Sequence[str] | None, folder: Path) -> l
     return [n for n in names if n not in EXTRA]
 
 
+def run_in_order(names: Sequence[str], execute: Callable[[int, str], float], jobs: int,
+                 say: Callable[[str], None], failure_hint: Callable[[str], str] | None = None,
+                 ) -> tuple[list[tuple[str, float]], dict[str, str]]:
+    """Call ``execute(position, name)`` (returns seconds) for each of ``names``, ``jobs`` at once, each as soon as
+    its inputs (``DEPENDS``, those among ``names``) are done; ready notebooks start in ``names``' order.
+
+    No barrier between groups: a notebook waits only for its own inputs, so a core never idles while something
+    is ready. A failed notebook skips only the notebooks that depend on it.
+
+    Returns:
+        ``[(name, seconds)]`` in finishing order, and ``{name: why}`` for each failed or skipped notebook.
+    """
+    timings: list[tuple[str, float]] = []
+    failed: dict[str, str] = {}
+    pending = list(names)
+    running: dict[Future, str] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for name in list(pending):
+                deps = [d for d in DEPENDS.get(name, ()) if d in names]
+                if any(d in failed for d in deps):
+                    failed[name] = f"skipped: its input {next(d for d in deps if d in failed)} failed"
+                    pending.remove(name)
+                elif len(running) < jobs and all(d in dict(timings) for d in deps):
+                    running[pool.submit(execute, names.index(name) + 1, name)] = name
+                    pending.remove(name)
+            if not running:
+                if pending:  # cannot happen with an acyclic DEPENDS; never spin
+                    raise RuntimeError(f"notebooks {pending} wait on inputs that never run")
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                try:
+                    timings.append((name, future.result()))
+                except Exception as err:  # noqa: BLE001  (reported by the caller, with every other failure)
+                    failed[name] = f"{type(err).__name__}: {str(err).strip()[-1500:]}"
+                    hint = f" ({failure_hint(name)})" if failure_hint else ""
+                    say(f"[{names.index(name) + 1}/{len(names)}] {name} FAILED{hint}")
+    return timings, failed
+
+
 def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", only: Sequence[str] | None = None,
                   update_committed: bool = False, kernel: str = "python3", jobs: int = 1,
                   notebooks: str | os.PathLike | None = None) -> list[tuple[str, float]]:
@@ -310,34 +355,10 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
             _commit_copy(target, source, Path(preset).stem, params)
         return seconds
 
-    timings: list[tuple[str, float]] = []
-    failed: dict[str, str] = {}
-    pending = list(names)
-    running: dict[Future, str] = {}
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            while pending or running:
-                for name in list(pending):
-                    deps = [d for d in DEPENDS.get(name, ()) if d in names]
-                    if any(d in failed for d in deps):
-                        failed[name] = f"skipped: its input {next(d for d in deps if d in failed)} failed"
-                        pending.remove(name)
-                    elif len(running) < jobs and all(d in dict(timings) for d in deps):
-                        running[pool.submit(execute, names.index(name) + 1, name)] = name
-                        pending.remove(name)
-                if not running:
-                    if pending:  # cannot happen with an acyclic DEPENDS; never spin
-                        raise RuntimeError(f"notebooks {pending} wait on inputs that never run")
-                    continue
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    name = running.pop(future)
-                    try:
-                        timings.append((name, future.result()))
-                    except Exception as err:  # noqa: BLE001  (reported below, with every other failure)
-                        failed[name] = f"{type(err).__name__}: {str(err).strip()[-1500:]}"
-                        say(f"[{names.index(name) + 1}/{len(names)}] {name} FAILED (see {out / 'notebooks' / name}.ipynb)")
+        timings, failed = run_in_order(names, execute, jobs, say,
+                                       failure_hint=lambda name: f"see {out / 'notebooks' / name}.ipynb")
     finally:
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -356,6 +377,65 @@ def run_notebooks(preset: str = "embedded", out: str | os.PathLike = "outputs", 
     return timings
 
 
+# nbval's own default cell timeout (s); `make test` passes a longer one (Makefile, NBVAL_CELL_TIMEOUT)
+NBVAL_DEFAULT_TIMEOUT = 2000
+
+
+def nbval_command(notebook: str | os.PathLike, cell_timeout: int = NBVAL_DEFAULT_TIMEOUT) -> list[str]:
+    """The pytest command line that checks one notebook with nbval (re-executes it, compares its outputs)."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+            f"--nbval-cell-timeout={int(cell_timeout)}", str(notebook)]
+
+
+def check_notebooks(notebooks: str | os.PathLike, jobs: int = 1, cell_timeout: int = NBVAL_DEFAULT_TIMEOUT,
+                    ) -> list[tuple[str, float]]:
+    """``make test``'s notebook check: nbval on every notebook of ``notebooks`` but ``EXTRA`` (a copy of the
+    repository's: they write their outputs beside it), one pytest process per notebook, ``jobs`` at once, each
+    started as soon as its inputs are done (:func:`run_in_order`); returns ``[(name, seconds)]``.
+
+    Each process gets ``cpu_count // jobs`` torch threads and no stdin. Its pytest summary is printed when it
+    ends, its whole report when it fails.
+
+    Raises:
+        RuntimeError: naming every notebook whose check failed or was skipped because an input failed.
+    """
+    import subprocess  # noqa: PLC0415
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    folder = Path(notebooks).resolve()
+    names = [n for n in NOTEBOOKS if (folder / f"{n}.ipynb").exists() and n not in EXTRA]
+    if not names:
+        raise FileNotFoundError(f"no soupkit notebooks in {folder}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            print(line, flush=True)
+
+    def execute(k: int, name: str) -> float:
+        say(f"[{k}/{len(names)}] nbval {name} started")
+        start = time.perf_counter()
+        proc = subprocess.run(nbval_command(folder / f"{name}.ipynb", cell_timeout), cwd=folder.parent, env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seconds = time.perf_counter() - start
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0:
+            say("\n".join(f"  {name}: {line}" for line in lines))
+            raise RuntimeError(f"nbval exit {proc.returncode}: {lines[-1] if lines else 'no output'}")
+        say(f"[{k}/{len(names)}] nbval {name} done in {seconds:.0f} s: {lines[-1] if lines else ''}")
+        return seconds
+
+    started = time.perf_counter()
+    timings, failed = run_in_order(names, execute, jobs, say)
+    print(f"nbval: {len(timings)} of {len(names)} notebooks passed in {time.perf_counter() - started:.0f} s wall "
+          f"({jobs} at a time)", flush=True)
+    if failed:
+        raise RuntimeError("notebook checks failed:\n" + "\n".join(f"- {n}: {why}" for n, why in failed.items()))
+    return timings
+
+
 def _jobs(text: str) -> int:
     try:
         value = int(text)
@@ -363,6 +443,16 @@ def _jobs(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"takes a whole number >= 1 (notebooks run at once), not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of seconds >= 1, not {text!r}")
     return value
 
 
@@ -386,11 +476,21 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
                         help="print the preset's parameters for one notebook as YAML (for papermill -f) and exit")
     parser.add_argument("--stages", action="store_true",
                         help="print the notebooks, one line per group that may run at once, and exit")
+    parser.add_argument("--nbval", action="store_true",
+                        help="check the notebooks of --notebooks (a copy: they write beside it) with nbval, "
+                        "--jobs at once in dependency order, instead of running a preset (make test)")
+    parser.add_argument("--nbval-cell-timeout", type=_seconds, default=NBVAL_DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"with --nbval: seconds one cell may run (default {NBVAL_DEFAULT_TIMEOUT}, nbval's)")
     args = parser.parse_args(argv)
     try:
         folder = _folder(args.notebooks)
     except FileNotFoundError as err:
         parser.error(str(err))
+    if args.nbval:
+        try:
+            return check_notebooks(folder, args.jobs, args.nbval_cell_timeout)
+        except RuntimeError as err:
+            parser.exit(1, f"{parser.prog}: {err}\n")
     if args.stages:
         existing = [n for n in NOTEBOOKS if (folder / f"{n}.ipynb").exists() and n not in EXTRA]
         for group in stages(existing):
